@@ -1,0 +1,1 @@
+"""optparity.distributed — torch.distributed.optim's API, implemented over optparity.functional."""

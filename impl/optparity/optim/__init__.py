@@ -1,0 +1,1 @@
+"""optparity.optim — drop-in replacements for torch.optim's classes."""
