@@ -3,3 +3,13 @@
 Each function takes lists of params, grads and state tensors (torch.optim's functional API)
 and dispatches to a for-loop path (`_single_tensor_*`) or a foreach path (`_multi_tensor_*`).
 """
+from optparity.functional.adadelta import adadelta
+from optparity.functional.adagrad import adagrad
+from optparity.functional.adam import adam
+from optparity.functional.adamax import adamax
+from optparity.functional.adamw import adamw
+from optparity.functional.rmsprop import rmsprop
+from optparity.functional.rprop import rprop
+from optparity.functional.sgd import sgd
+
+__all__ = ["adadelta", "adagrad", "adam", "adamax", "adamw", "rmsprop", "rprop", "sgd"]

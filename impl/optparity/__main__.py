@@ -1,0 +1,5 @@
+import sys
+
+from optparity.cli import main
+
+sys.exit(main())

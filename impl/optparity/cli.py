@@ -1,0 +1,112 @@
+"""The `optparity` command."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from optparity.harness import matrix
+from optparity.harness.algorithms import ALGORITHMS
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+           "bfloat16": torch.bfloat16}
+
+
+def _csv(choices):
+    def parse(text: str) -> list[str]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in items if t not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"{', '.join(bad) or 'nothing'} not in {', '.join(choices)}")
+        return items
+    return parse
+
+
+def _all_candidates() -> list[str]:
+    """Every optparity form of every algorithm: class, bare kernel, Functional* class."""
+    out = []
+    for algo in ALGORITHMS:
+        out += [f"optparity.optim:{algo}", f"optparity.functional:{algo.lower()}",
+                f"optparity.distributed:Functional{algo}"]
+    return out
+
+
+def _add_check(sub) -> None:
+    p = sub.add_parser("check", help="compare an optimizer with torch.optim bit for bit",
+                       description="Run CANDIDATE and REFERENCE side by side over the case matrix and "
+                                   "compare every parameter and state tensor after every step. "
+                                   "Exit 0 only when every case is bit-identical.")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--candidate", metavar="MODULE:NAME",
+                      help="optimizer class, functional class (step(gradients)) or functional kernel")
+    what.add_argument("--all", action="store_true", help="check every optparity optimizer, kernel and Functional* class")
+    p.add_argument("--reference", metavar="MODULE:NAME", help="default: torch.optim's class of the same name")
+    p.add_argument("--algorithm", choices=ALGORITHMS, help="when the candidate's name does not say")
+    p.add_argument("--paths", type=_csv(matrix.PATHS), default=list(matrix.PATHS))
+    p.add_argument("--dtypes", type=_csv(list(_DTYPES)), default=["float32", "float64"])
+    p.add_argument("--param-sets", type=_csv(matrix.PARAM_SETS), default=list(matrix.PARAM_SETS))
+    p.add_argument("--steps", type=int, default=matrix.STEPS)
+    p.add_argument("--fail-fast", action="store_true", help="stop at the first differing case")
+    p.add_argument("--json", metavar="FILE", help="write every case's result as JSON")
+    p.add_argument("--junit", metavar="FILE", help="write JUnit XML for CI")
+    p.add_argument("-q", "--quiet", action="store_true", help="summary only, no progress")
+    p.set_defaults(func=_run_check)
+
+
+def _run_check(args) -> int:
+    from optparity.harness.check import check
+    from optparity.harness.report import format_text, write_json, write_junit
+
+    if args.steps < 1:
+        raise SystemExit("optparity check: --steps must be at least 1")
+    candidates = _all_candidates() if args.all else [args.candidate]
+    ok = True
+    for spec in candidates:
+        done = [0]
+
+        def progress(result, _spec=spec):
+            done[0] += 1
+            if not args.quiet and sys.stderr.isatty():
+                print(f"\r{_spec}: {done[0]} cases", end="", file=sys.stderr, flush=True)
+
+        try:
+            report = check(spec, args.reference, algorithm=args.algorithm, paths=args.paths,
+                           dtypes=[_DTYPES[d] for d in args.dtypes], param_sets=args.param_sets,
+                           steps=args.steps, fail_fast=args.fail_fast, progress=progress)
+        except (ValueError, TypeError) as e:
+            print(f"optparity check: {e}", file=sys.stderr)
+            return 2
+        if not args.quiet and sys.stderr.isatty():
+            print(file=sys.stderr)
+        print(format_text(report))
+        print()
+        stem = "" if len(candidates) == 1 else "." + spec.replace(":", ".")
+        if args.json:
+            write_json(report, _with_stem(args.json, stem))
+        if args.junit:
+            write_junit(report, _with_stem(args.junit, stem))
+        ok &= report.ok
+    return 0 if ok else 1
+
+
+def _with_stem(path: str, stem: str) -> Path:
+    p = Path(path)
+    return p.with_name(p.stem + stem + p.suffix) if stem else p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="optparity", description="optimizers proven bit for bit against torch.optim")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_check(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""optparity against torch.optim, bit for bit, over the whole case matrix (see
+optparity.harness.matrix): each optimizer class, each bare functional kernel, each Functional*
+class, on every implementation path."""
+from __future__ import annotations
+
+import pytest
+
+from optparity.harness import check
+from optparity.harness.algorithms import ALGORITHMS, FUSED_ON_CPU
+from optparity.harness.matrix import PATHS
+
+FORMS = {
+    "class": "optparity.optim:{algo}",
+    "kernel": "optparity.functional:{lower}",
+    "functional_class": "optparity.distributed:Functional{algo}",
+}
+
+
+def _params():
+    for algo in ALGORITHMS:
+        for form in FORMS:
+            for path in PATHS:
+                if path == "fused" and algo not in FUSED_ON_CPU:
+                    continue
+                yield pytest.param(algo, form, path, id=f"{algo}-{form}-{path}")
+
+
+def assert_bit_identical(report, record_property):
+    record_property("cases", len(report.results))
+    record_property("check_seconds", report.seconds)
+    ran = [r for r in report.results if r.status == "pass"]
+    assert ran, "no case ran: every case was not applicable"
+    first = report.first_failure
+    assert first is None, (f"{len(report.failed)} of {len(report.results)} cases differ; first: "
+                           f"{first.case.id}: {first.message}")
+
+
+@pytest.mark.parametrize("algo,form,path", list(_params()))
+def test_optparity_matches_torch(algo, form, path, record_property):
+    spec = FORMS[form].format(algo=algo, lower=algo.lower())
+    report = check(spec, f"torch.optim:{algo}", algorithm=algo, paths=[path])
+    assert_bit_identical(report, record_property)
