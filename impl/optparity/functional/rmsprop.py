@@ -1,0 +1,245 @@
+"""RMSprop (Hinton's lecture notes; centered variant from Graves, 2013).
+
+The step divides the gradient by sqrt(running mean of grad^2) + eps (sqrt first, then
+eps). The kinds and order of operations copy torch.optim.rmsprop exactly: lerp_ for the
+centered mean, addcmul with value=-1 for the variance, addcdiv_ for the update."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from optparity.functional._common import (
+    default_foreach,
+    group_by_device_and_dtype,
+    to_scalar,
+    view_complex_as_real,
+)
+
+__all__ = ["rmsprop"]
+
+
+def _capturable_device_types() -> list[str]:
+    # torch's order for RMSprop: privateuse1 backend before xla (differs from _common's)
+    kinds = ["cuda", "xpu", "hpu"]
+    if not torch.jit.is_scripting():
+        kinds.append(torch._C._get_privateuse1_backend_name())
+    kinds.append("xla")
+    return kinds
+
+
+def _capturable_error(kinds: list[str]) -> AssertionError:
+    return AssertionError(
+        f"If capturable=True, params and state_steps must be on supported devices: {kinds}."
+    )
+
+
+def _single_tensor_rmsprop(
+    params: list[Tensor],
+    grads: list[Tensor],
+    square_avgs: list[Tensor],
+    grad_avgs: list[Tensor],
+    momentum_buffer_list: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr,
+    alpha: float,
+    eps: float,
+    weight_decay: float,
+    momentum: float,
+    centered: bool,
+    maximize: bool,
+    differentiable: bool,
+    capturable: bool,
+    has_complex: bool,
+) -> None:
+    if not torch.jit.is_scripting():
+        lr = to_scalar(lr)
+
+    for i, p in enumerate(params):
+        step = state_steps[i]
+        # checked per parameter, inside the loop (earlier params are already updated)
+        if capturable and not torch.compiler.is_compiling():
+            kinds = _capturable_device_types()
+            if not (p.device.type == step.device.type and p.device.type in kinds):
+                raise _capturable_error(kinds)
+
+        g = grads[i]
+        if maximize:
+            g = -g
+        sq = square_avgs[i]
+
+        step += 1
+
+        if weight_decay != 0:
+            g = g.add(p, alpha=weight_decay)
+
+        complex_param = torch.is_complex(p)
+        if complex_param:
+            p = torch.view_as_real(p)
+            g = torch.view_as_real(g)
+            sq = torch.view_as_real(sq)
+
+        sq.mul_(alpha).addcmul_(g, g, value=1 - alpha)
+
+        if centered:
+            mean_g = grad_avgs[i]
+            if complex_param:
+                mean_g = torch.view_as_real(mean_g)
+            mean_g.lerp_(g, 1 - alpha)
+            # variance estimate E[g^2] - E[g]^2, then its root
+            denom = sq.addcmul(mean_g, mean_g, value=-1).sqrt_()
+        else:
+            denom = sq.sqrt()
+
+        # differentiable keeps the sqrt result intact in the graph
+        denom = denom.add(eps) if differentiable else denom.add_(eps)
+
+        if momentum > 0:
+            buf = momentum_buffer_list[i]
+            if complex_param:
+                buf = torch.view_as_real(buf)
+            buf.mul_(momentum).addcdiv_(g, denom)
+            p.add_(buf, alpha=-lr)
+        else:
+            p.addcdiv_(g, denom, value=-lr)
+
+
+def _multi_tensor_rmsprop(
+    params: list[Tensor],
+    grads: list[Tensor],
+    square_avgs: list[Tensor],
+    grad_avgs: list[Tensor],
+    momentum_buffer_list: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr,
+    alpha: float,
+    eps: float,
+    weight_decay: float,
+    momentum: float,
+    centered: bool,
+    maximize: bool,
+    differentiable: bool,
+    capturable: bool,
+    has_complex: bool,
+) -> None:
+    # torch returns on an empty list before the differentiable check
+    if not params:
+        return
+    if differentiable:
+        raise AssertionError("_foreach ops don't support autograd")
+    if capturable and not torch.compiler.is_compiling():
+        kinds = _capturable_device_types()
+        if not all(
+            p.device.type == s.device.type and p.device.type in kinds
+            for p, s in zip(params, state_steps, strict=True)
+        ):
+            raise _capturable_error(kinds)
+
+    lr = to_scalar(lr)
+
+    groups = group_by_device_and_dtype(
+        [params, grads, square_avgs, grad_avgs, momentum_buffer_list, state_steps]
+    )
+    for (g_params, g_grads, g_sqs, g_means, g_bufs, g_steps), _ in groups.values():
+        if has_complex:
+            companions = [g_grads, g_sqs]
+            if momentum > 0:
+                companions.append(g_bufs)
+            if centered:
+                companions.append(g_means)
+            view_complex_as_real(g_params, *companions)
+
+        if maximize:
+            g_grads = torch._foreach_neg(g_grads)
+
+        # CPU steps: a single pre-built tensor operand (alpha selects that overload)
+        if g_steps[0].is_cpu and not torch.compiler.is_compiling():
+            torch._foreach_add_(g_steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
+        else:
+            torch._foreach_add_(g_steps, 1)
+
+        if weight_decay != 0:
+            if maximize:
+                # the negated grads are our own copy already
+                torch._foreach_add_(g_grads, g_params, alpha=weight_decay)
+            else:
+                g_grads = torch._foreach_add(g_grads, g_params, alpha=weight_decay)
+
+        torch._foreach_mul_(g_sqs, alpha)
+        torch._foreach_addcmul_(g_sqs, g_grads, g_grads, value=1 - alpha)
+
+        if centered:
+            torch._foreach_lerp_(g_means, g_grads, 1 - alpha)
+            denoms = torch._foreach_addcmul(g_sqs, g_means, g_means, value=-1)
+            torch._foreach_sqrt_(denoms)
+        else:
+            denoms = torch._foreach_sqrt(g_sqs)
+        torch._foreach_add_(denoms, eps)
+
+        tensor_lr_capture = capturable and isinstance(lr, Tensor)
+        if momentum > 0:
+            torch._foreach_mul_(g_bufs, momentum)
+            torch._foreach_addcdiv_(g_bufs, g_grads, denoms)
+            if tensor_lr_capture:
+                scaled = torch._foreach_mul(g_bufs, -lr)
+                torch._foreach_add_(g_params, scaled)
+            else:
+                torch._foreach_add_(g_params, g_bufs, alpha=-lr)
+        elif tensor_lr_capture:
+            torch._foreach_div_(denoms, -lr)
+            torch._foreach_addcdiv_(g_params, g_grads, denoms)
+        else:
+            torch._foreach_addcdiv_(g_params, g_grads, denoms, value=-lr)
+
+
+def rmsprop(
+    params: list[Tensor],
+    grads: list[Tensor],
+    square_avgs: list[Tensor],
+    grad_avgs: list[Tensor],
+    momentum_buffer_list: list[Tensor],
+    state_steps: list[Tensor],
+    foreach: bool | None = None,
+    maximize: bool = False,
+    differentiable: bool = False,
+    capturable: bool = False,
+    has_complex: bool = False,
+    *,
+    lr,
+    alpha: float,
+    eps: float,
+    weight_decay: float,
+    momentum: float,
+    centered: bool,
+) -> None:
+    """Functional RMSprop step over lists of params, grads and state (see optparity.optim.RMSprop)."""
+    if not torch.compiler.is_compiling() and not all(isinstance(s, Tensor) for s in state_steps):
+        raise RuntimeError(
+            "API has changed, `state_steps` argument must contain a list of singleton tensors"
+        )
+
+    if foreach is None:
+        foreach = default_foreach(params, differentiable)
+    if foreach and torch.jit.is_scripting():
+        raise RuntimeError("torch.jit.script not supported with foreach optimizers")
+
+    impl = _multi_tensor_rmsprop if foreach else _single_tensor_rmsprop
+    impl(
+        params,
+        grads,
+        square_avgs,
+        grad_avgs,
+        momentum_buffer_list,
+        state_steps,
+        lr=lr,
+        alpha=alpha,
+        eps=eps,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        centered=centered,
+        maximize=maximize,
+        differentiable=differentiable,
+        capturable=capturable,
+        has_complex=has_complex,
+    )
