@@ -67,7 +67,8 @@ EXTRA_CONFIGS: dict[str, list[dict]] = {
     "Adamax": [{"lr": _t(0.05), "betas": (0.5, 0.7), "eps": 1e-4}, {"differentiable": True, "weight_decay": 0.1}],
     "RMSprop": [{"momentum": 0.5, "alpha": 0.9}, {"centered": True, "maximize": True, "lr": _t(0.01)},
                 {"differentiable": True, "centered": True, "momentum": 0.2, "weight_decay": 0.1}],
-    "Rprop": [{"lr": _t(0.01), "etas": (0.3, 1.7), "maximize": True}, {"differentiable": True}],
+    "Rprop": [{"lr": _t(0.01), "etas": (0.3, 1.7), "maximize": True}, {"differentiable": True},
+              {"lr": 0.01, "step_sizes": (1e-3, 0.02)}],  # narrow enough that both clamps bite
     "SGD": [{"momentum": 0.9, "nesterov": True, "maximize": True}, {"momentum": 0.5, "dampening": 0.3, "weight_decay": 0.2},
             {"lr": _t(0.05), "momentum": 0.9}, {"differentiable": True, "momentum": 0.9, "weight_decay": 0.1}],
 }

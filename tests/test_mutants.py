@@ -1,0 +1,52 @@
+"""The harness has teeth: every planted bug is caught, and torch.optim against itself is not
+flagged (no false alarm)."""
+import pytest
+import torch
+
+from optparity.harness import check, matrix
+from optparity.harness.algorithms import ALGORITHMS
+from optparity.harness.mutants import MUTANTS
+
+KINDS = {m.kind for m in MUTANTS}
+OPTIONS = {m.shows_under for m in MUTANTS if m.kind == "option"}
+
+
+def test_catalogue_is_broad():
+    assert len(MUTANTS) >= 15
+    assert {m.algorithm for m in MUTANTS} == set(ALGORITHMS)
+    assert {"numerics", "option", "logic"} <= KINDS
+    assert {"maximize", "amsgrad", "nesterov", "dampening", "lr_decay", "centered", "weight_decay"} <= OPTIONS
+
+
+@pytest.mark.parametrize("mutant", MUTANTS, ids=lambda m: m.name)
+def test_mutant_is_caught(mutant):
+    report = check(mutant.build(), f"torch.optim:{mutant.algorithm}", algorithm=mutant.algorithm,
+                   fail_fast=True)
+    first = report.first_failure
+    assert first is not None, f"{mutant.name} slipped through {len(report.results)} cases"
+    assert not report.ok
+    assert first.divergence.step >= 1 and first.message
+    if mutant.kind == "option":
+        assert _option_on(first.case, mutant.shows_under), first.case.id
+
+
+@pytest.mark.parametrize("mutant", [m for m in MUTANTS if m.kind == "option"], ids=lambda m: m.name)
+def test_option_mutant_hides_without_its_option(mutant):
+    # The point of these mutants: they only show under one option, so the matrix must contain it.
+    cases = [c for c in matrix.build_cases([mutant.algorithm], ("forloop", "foreach"), (torch.float32,), ("mixed",))
+             if not _option_on(c, mutant.shows_under)]
+    report = check(mutant.build(), f"torch.optim:{mutant.algorithm}", algorithm=mutant.algorithm, cases=cases)
+    assert report.ok, report.first_failure.message
+
+
+def _option_on(case, option: str) -> bool:
+    """Is `option` switched on anywhere in the case (the second parameter group included)?"""
+    groups = [case.config] + ([{**case.config, **case.second_group}] if case.param_set == "groups" else [])
+    return any(g.get(option) not in (None, False, 0, 0.0) for g in groups)
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_torch_against_itself_is_not_flagged(algo):
+    report = check(f"torch.optim:{algo}", f"torch.optim:{algo}")
+    assert report.ok, report.first_failure.message
+    assert report.worst_ulp == 0
