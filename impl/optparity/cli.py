@@ -96,10 +96,47 @@ def _with_stem(path: str, stem: str) -> Path:
     return p.with_name(p.stem + stem + p.suffix) if stem else p
 
 
+def _add_selftest(sub) -> None:
+    p = sub.add_parser("selftest", help="prove the harness: planted bugs are caught, torch is not flagged",
+                       description="Check every mutant in optparity.harness.mutants (each must be caught) "
+                                   "and torch.optim against itself (must pass). Exit 0 when both hold.")
+    p.add_argument("--mutant", action="append", help="only these mutants (repeatable)")
+    p.set_defaults(func=_run_selftest)
+
+
+def _run_selftest(args) -> int:
+    import pandas as pd
+
+    from optparity.harness.check import check
+    from optparity.harness.mutants import MUTANTS, by_name
+
+    mutants = [by_name(n) for n in args.mutant] if args.mutant else list(MUTANTS)
+    rows = []
+    for m in mutants:
+        report = check(m.build(), f"torch.optim:{m.algorithm}", algorithm=m.algorithm, fail_fast=True)
+        first = report.first_failure
+        rows.append({"mutant": m.name, "algorithm": m.algorithm, "kind": m.kind, "shows_under": m.shows_under,
+                     "caught": first is not None, "cases_until_caught": len(report.results),
+                     "first_divergence": f"{first.case.id} {first.message}"[:110] if first else "-"})
+    table = pd.DataFrame(rows)
+    print(table.to_string(index=False))
+    alarms = []
+    if not args.mutant:
+        for algo in ALGORITHMS:
+            report = check(f"torch.optim:{algo}", f"torch.optim:{algo}")
+            if not report.ok:
+                alarms.append(f"{algo}: {report.first_failure.message}")
+        print(f"\ntorch.optim against itself: {'no false alarm' if not alarms else 'FALSE ALARMS: ' + '; '.join(alarms)}")
+    caught = int(table["caught"].sum())
+    print(f"{caught}/{len(table)} mutants caught")
+    return 0 if caught == len(table) and not alarms else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="optparity", description="optimizers proven bit for bit against torch.optim")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_check(sub)
+    _add_selftest(sub)
     return parser
 
 

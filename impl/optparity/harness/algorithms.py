@@ -13,7 +13,7 @@ FUSED_ON_CPU = frozenset({"Adam", "AdamW", "SGD", "Adagrad"})
 def canonical_name(name: str) -> str | None:
     """'adamw', 'AdamW', 'FunctionalAdamW', '_fused_adamw' -> 'AdamW'; None if unknown."""
     key = name.lower()
-    for prefix in ("functional", "_single_tensor_", "_multi_tensor_", "_fused_"):
+    for prefix in ("_functional", "functional", "_single_tensor_", "_multi_tensor_", "_fused_"):
         if key.startswith(prefix):
             key = key[len(prefix):]
     for algo in ALGORITHMS:
