@@ -1,0 +1,57 @@
+"""Shared ranks for the distributed suites: one process group per world size, reused by every
+test (spawning per assertion would take hours on two cores). Under torchrun the ranks are the
+torchrun processes themselves and only the tests for its world size run."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from optparity.harness.ranks import InProcessRanks, RankPool, under_torchrun
+
+WORLD_SIZES = (1, 2, 3, 4)
+
+
+def backend_skip_reason(backend: str) -> str | None:
+    if backend == "nccl":
+        if not torch.cuda.is_available():
+            return "NCCL needs CUDA; this machine has no GPU"
+        if not dist.is_nccl_available():
+            return "this torch build has no NCCL"
+    if under_torchrun() and backend != dist.get_backend():
+        return f"this torchrun job uses {dist.get_backend()}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def ranks():
+    """ranks(world_size, backend="gloo") -> a pool with .run(fn, *args) returning per-rank results."""
+    pools: dict[tuple[int, str], RankPool] = {}
+    local = {}
+
+    def get(world_size: int, backend: str = "gloo"):
+        reason = backend_skip_reason(backend) if backend != "gloo" or under_torchrun() else None
+        if reason:
+            pytest.skip(reason)
+        if under_torchrun():
+            if "job" not in local:
+                local["job"] = InProcessRanks()
+            if world_size != local["job"].world_size:
+                pytest.skip(f"this torchrun job has world size {local['job'].world_size}, the test needs {world_size}")
+            return local["job"]
+        pool = pools.get((world_size, backend))
+        if pool is None or not pool.alive:
+            pool = pools[(world_size, backend)] = RankPool(world_size, backend)
+        return pool
+
+    yield get
+    for pool in pools.values():
+        pool.close()
+
+
+def pytest_collection_modifyitems(config, items):
+    # Under torchrun every rank runs pytest; collection order must be identical on all ranks.
+    if under_torchrun() and os.environ.get("PYTEST_XDIST_WORKER"):
+        raise pytest.UsageError("run the distributed suite under torchrun without pytest-xdist (-n)")
