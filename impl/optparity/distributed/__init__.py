@@ -1,1 +1,47 @@
-"""optparity.distributed — torch.distributed.optim's API, implemented over optparity.functional."""
+"""optparity.distributed — torch.distributed.optim's API, implemented over optparity.functional.
+
+Names resolve lazily (RPC and process-group machinery are heavy to import):
+  Functional<Algo>, as_functional_optim, functional_optim_map   functional_optim.py
+  ZeroRedundancyOptimizer                                       zero_redundancy_optimizer.py
+  PostLocalSGDOptimizer                                         post_localSGD_optimizer.py
+  average_parameters, PeriodicModelAverager, HierarchicalModelAverager   model_averaging.py
+  post_localSGD_hook, PostLocalSGDState                         comm_hooks.py
+  DistributedOptimizer                                          optimizer.py (RPC)
+  NamedOptimizer                                                named_optimizer.py
+  apply_optimizer_in_backward, get_in_backward_optimizers       apply_optimizer_in_backward.py
+"""
+from __future__ import annotations
+
+import importlib
+
+_ALGOS = ("Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "RMSprop", "Rprop", "SGD")
+_EXPORTS = {
+    **{f"Functional{a}": "functional_optim" for a in _ALGOS},
+    "as_functional_optim": "functional_optim",
+    "functional_optim_map": "functional_optim",
+    "register_functional_optim": "functional_optim",
+    "ZeroRedundancyOptimizer": "zero_redundancy_optimizer",
+    "PostLocalSGDOptimizer": "post_localSGD_optimizer",
+    "average_parameters": "model_averaging",
+    "PeriodicModelAverager": "model_averaging",
+    "HierarchicalModelAverager": "model_averaging",
+    "post_localSGD_hook": "comm_hooks",
+    "PostLocalSGDState": "comm_hooks",
+    "DistributedOptimizer": "optimizer",
+    "NamedOptimizer": "named_optimizer",
+    "apply_optimizer_in_backward": "apply_optimizer_in_backward",
+    "get_in_backward_optimizers": "apply_optimizer_in_backward",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'optparity.distributed' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"optparity.distributed.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__
