@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import importlib
 import inspect
+import warnings
 from typing import Any
 
 import torch
@@ -118,7 +119,9 @@ class FunctionalClassDriver:
             missing = [k for k in kwargs if k not in accepted]
             if missing:
                 raise NotApplicable(f"{cls.__name__} takes no {', '.join(missing)}")
-            self.instances.append((idx, cls(_params_for(pset, idx), **kwargs)))
+            with warnings.catch_warnings(record=True):
+                # torch's Functional* classes force a TorchScript deprecation warning; recording swallows it.
+                self.instances.append((idx, cls(_params_for(pset, idx), **kwargs)))
         self.pset = pset
 
     def step(self, grads: list[Tensor | None]) -> None:
