@@ -1,6 +1,6 @@
 """optparity against torch.optim, bit for bit, over the whole case matrix (see
 optparity.harness.matrix): each optimizer class, each bare functional kernel, each Functional*
-class, on every implementation path."""
+class (against torch.distributed.optim's), on every implementation path."""
 from __future__ import annotations
 
 import pytest
@@ -8,6 +8,7 @@ import pytest
 from optparity.harness import check
 from optparity.harness.algorithms import ALGORITHMS, FUSED_ON_CPU
 from optparity.harness.matrix import PATHS
+from optparity.harness.upstream import upstream_functional
 
 FORMS = {
     "class": "optparity.optim:{algo}",
@@ -35,8 +36,16 @@ def assert_bit_identical(report, record_property):
                            f"{first.case.id}: {first.message}")
 
 
+def reference_for(form: str, algo: str) -> str:
+    # Functional* classes reproduce upstream's functional optimizers, which differ from torch.optim
+    # in places (test_upstream_functional.py pins where); everything else reproduces torch.optim.
+    if form == "functional_class":
+        return upstream_functional(algo)
+    return f"torch.optim:{algo}"
+
+
 @pytest.mark.parametrize("algo,form,path", list(_params()))
-def test_optparity_matches_torch(algo, form, path, record_property):
+def test_optparity_matches_reference(algo, form, path, record_property):
     spec = FORMS[form].format(algo=algo, lower=algo.lower())
-    report = check(spec, f"torch.optim:{algo}", algorithm=algo, paths=[path])
+    report = check(spec, reference_for(form, algo), algorithm=algo, paths=[path])
     assert_bit_identical(report, record_property)

@@ -42,7 +42,7 @@ def default_foreach(params: list[Tensor], differentiable: bool) -> bool:
         return False
     return all(
         p is None
-        or (type(p) in (Tensor, torch.nn.Parameter) and p.device.type in _FOREACH_DEFAULT_DEVICES)
+        or (type(p) is Tensor and p.device.type in _FOREACH_DEFAULT_DEVICES)  # torch: Parameters do not qualify
         for p in params
     )
 

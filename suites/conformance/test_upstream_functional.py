@@ -1,0 +1,31 @@
+"""torch.distributed.optim's own functional optimizers, checked against torch.optim the same way.
+
+Upstream is not ours to fix, so the test pins *where* it differs: the recorded set of divergent
+cases (reference/upstream_functional_vs_torch_optim.json) must be exactly what we observe. A change
+either way — a new divergence, or one that disappeared — fails and must be looked at. The README
+summarises the divergences."""
+import json
+
+import pytest
+
+from optparity.harness.algorithms import ALGORITHMS
+from optparity.harness.upstream import RECORD, divergences
+
+RECORDED = json.loads(RECORD.read_text())
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_upstream_functional_conformance_is_as_recorded(algo):
+    observed = divergences(algo)
+    expected = RECORDED[algo]
+    new = sorted(set(observed) - set(expected))
+    gone = sorted(set(expected) - set(observed))
+    assert not new and not gone, f"new divergences: {new[:5]} ...; no longer diverging: {gone[:5]} ..."
+    changed = [case for case in observed if observed[case] != expected[case]]
+    assert not changed, f"first divergence moved for {changed[:5]}"
+
+
+def test_record_is_for_this_torch():
+    import torch
+
+    assert RECORDED["torch"] == torch.__version__
