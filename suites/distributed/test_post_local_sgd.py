@@ -130,10 +130,12 @@ def _check_average_parameters(rank, world_size, backend):
     dev = _device(rank, backend)
     g = torch.Generator()
 
-    def params():
-        # mixed dtypes (cat promotes to float64, unpacking casts back), a 0-dim param and -0.0
+    def params(mixed=True):
+        # mixed dtypes (cat promotes to float64, unpacking casts back), a 0-dim param and -0.0;
+        # with one dtype every param ends up a view of the shared flat buffer
         g.manual_seed(100 + rank)
-        ts = [torch.randn(3, 4, generator=g), torch.randn(5, generator=g, dtype=torch.float64),
+        ts = [torch.randn(3, 4, generator=g),
+              torch.randn(5, generator=g, dtype=torch.float64 if mixed else torch.float32),
               torch.tensor(-0.0) * (rank + 1), torch.randn(2, 2, generator=g)]
         return [nn.Parameter(t.to(dev)) for t in ts]
 
@@ -142,12 +144,12 @@ def _check_average_parameters(rank, world_size, backend):
         def pattern(ps):
             ptrs = [p.untyped_storage().data_ptr() for p in ps]
             return [[ptrs[i] == ptrs[j] for j in range(len(ps))] for i in range(len(ps))]
-        assert pattern(mine) == pattern(ref)
+        assert pattern(mine) == pattern(ref), "params alias the flat buffer differently from upstream"
 
     # one-shot iterators, lists and generators, default and explicit groups
     for make_input in (iter, list, lambda ps: (p for p in ps)):
-        for group in (None, dist.group.WORLD):
-            mine, ref = params(), params()
+        for group, mixed in ((None, True), (dist.group.WORLD, False)):
+            mine, ref = params(mixed), params(mixed)
             my_avg.average_parameters(make_input(mine), group)
             up_utils.average_parameters(make_input(ref), group)
             _same_params(mine, ref, "average_parameters")
@@ -160,7 +162,7 @@ def _check_average_parameters(rank, world_size, backend):
     only_zero = dist.new_group([0])
     for group, classes in ((sub, _chunks(world_size, size)),
                            (only_zero, [[r] for r in range(world_size)])):
-        mine, ref = params(), params()
+        mine, ref = params(False), params(False)
         before = [p.untyped_storage().data_ptr() for p in mine]
         my_avg.average_parameters(iter(mine), group)
         up_utils.average_parameters(iter(ref), group)
