@@ -32,12 +32,12 @@ def ranks():
     local = {}
 
     def get(world_size: int, backend: str = "gloo"):
+        if under_torchrun() and "job" not in local:
+            local["job"] = InProcessRanks()  # joins torchrun's group; the skip check below needs it
         reason = backend_skip_reason(backend) if backend != "gloo" or under_torchrun() else None
         if reason:
             pytest.skip(reason)
         if under_torchrun():
-            if "job" not in local:
-                local["job"] = InProcessRanks()
             if world_size != local["job"].world_size:
                 pytest.skip(f"this torchrun job has world size {local['job'].world_size}, the test needs {world_size}")
             return local["job"]
