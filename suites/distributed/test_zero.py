@@ -6,6 +6,7 @@ same ranks, and must agree on every parameter and state tensor after every step.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 
@@ -465,9 +466,10 @@ def test_add_param_group(ranks, world_size, backend):
 # uneven inputs: Join with DDP
 # ---------------------------------------------------------------------------
 
-def _model(device):
+def _model(device, wide=False):
     torch.manual_seed(3)
-    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)).to(device)
+    h1, h2 = (40, 30) if wide else (8, 8)
+    return nn.Sequential(nn.Linear(5, h1), nn.Tanh(), nn.Linear(h1, h2), nn.Tanh(), nn.Linear(h2, 3)).to(device)
 
 
 def _join_train(impl, optim_cls, bucket_view, rank, ws, device, hp):
@@ -525,13 +527,10 @@ def _run_overlap_refused(rank, ws):
     hp = dict(lr=0.01)
     ours = ZeRO(ddp.parameters(), oo.Adam, overlap_with_ddp=True, **hp)
     theirs = TorchZeRO(ddp.parameters(), torch.optim.Adam, overlap_with_ddp=True, **hp)
+    from torch.distributed.algorithms.ddp_comm_hooks import ddp_zero_hook as torch_hooks
     hook = default_hooks.allreduce_hook
-    for ours_fn, torch_fn in [
-        (hook_with_zero_step, __import__("torch.distributed.algorithms.ddp_comm_hooks.ddp_zero_hook",
-                                         fromlist=["x"]).hook_with_zero_step),
-        (hook_with_zero_step_interleaved, __import__("torch.distributed.algorithms.ddp_comm_hooks.ddp_zero_hook",
-                                                     fromlist=["x"]).hook_with_zero_step_interleaved),
-    ]:
+    for ours_fn, torch_fn in [(hook_with_zero_step, torch_hooks.hook_with_zero_step),
+                              (hook_with_zero_step_interleaved, torch_hooks.hook_with_zero_step_interleaved)]:
         _same_error(lambda: ours_fn(hook, ddp, ours), lambda: torch_fn(hook, ddp, theirs), RuntimeError)
         msg = _raised(lambda: ours_fn(hook, ddp, ours))[1]
         assert "Gloo" in msg
@@ -541,8 +540,7 @@ def _run_overlap_refused(rank, ws):
         _same_error(lambda: ours_fn(hook, ddp, plain_ours), lambda: torch_fn(hook, ddp, plain_theirs), ValueError)
     # before DDP has finalised its buckets: step is a no-op, state dicts are refused
     assert ours.step() is None
-    assert isinstance(getattr(ours, "_optim_constructor"), type)
-    assert ours._optim_constructor is functional_optim.FunctionalAdam
+    assert ours._optim_constructor is functional_optim.FunctionalAdam  # optparity's, not torch's
     _same_error(lambda: ours.consolidate_state_dict(), lambda: theirs.consolidate_state_dict(), RuntimeError)
     _same_error(lambda: ours.state_dict(), lambda: theirs.state_dict(), RuntimeError)
     _same_error(lambda: ours.add_param_group({"params": [torch.zeros(2, requires_grad=True)]}),
@@ -560,32 +558,98 @@ def test_overlap_with_ddp_refuses_gloo(ranks, world_size):
     ranks(world_size).run(_run_overlap_refused)
 
 
-def _overlap_train(impl, hook_factory, shard, rank, device, algo, iters):
-    model = _model(device)
-    ddp = DDP(model, device_ids=[device.index])
-    cls = getattr(oo, algo) if impl is ZeRO else getattr(torch.optim, algo)
+@contextlib.contextmanager
+def _admit_gloo():
+    """Let the overlap hooks (ours and torch's alike) be built on Gloo: TEST ONLY, to run the
+    overlap logic on this GPU-less machine. Only hook_with_zero_step is used so: the
+    interleaved hook chains its step on Gloo futures whose callbacks run concurrently on Gloo's
+    worker threads, and torch's own interleaved hook fails there too (the reason both refuse
+    Gloo)."""
+    real = dist.get_backend
+    dist.get_backend = lambda group=None: dist.Backend.NCCL
+    try:
+        yield
+    finally:
+        dist.get_backend = real
+
+
+def _overlap_train(impl, cls, hook_factory, shard, rank, device, iters, admit_gloo=False):
+    model = _model(device, wide=True)
+    start = [p.detach().clone() for p in model.parameters()]
+    # a small bucket cap so DDP makes several buckets (and shard_buckets has work to do)
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=0.001)
     zero = impl(ddp.parameters(), cls, overlap_with_ddp=True, lr=0.01)
-    ddp.register_comm_hook(None, hook_factory(default_hooks.allreduce_hook, ddp, zero, shard_buckets=shard))
+    if admit_gloo:
+        with _admit_gloo():
+            hook = hook_factory(default_hooks.allreduce_hook, ddp, zero, shard_buckets=shard)
+    else:
+        hook = hook_factory(default_hooks.allreduce_hook, ddp, zero, shard_buckets=shard)
+    ddp.register_comm_hook(None, hook)
     gen = torch.Generator().manual_seed(70 + rank)
     for _ in range(iters):
         x = torch.randn(4, 5, generator=gen).to(device)
         y = torch.randn(4, 3, generator=gen).to(device)
         nn.functional.mse_loss(ddp(x), y).backward()
-        zero.step()  # no-op, as in torch's recipe
-    return [p.detach().clone() for p in model.parameters()]
+        assert zero.step() is None  # the hook steps; step() is a no-op, as in torch's recipe
+    params = [p.detach().clone() for p in model.parameters()]
+    assert all(compare(a, b) is not None for a, b in zip(params, start)), "no update happened"
+    return params, zero, list(model.parameters())
+
+
+def _assignments(zero, params):
+    info = zero._overlap_info
+    return dict(
+        per_rank=[{b: (a.offset, [_ix(params, p) for p in a.parameters]) for b, a in d.items()}
+                  for d in zero._bucket_assignments_per_rank],
+        buckets=[[_ix(params, p) for p in b] for b in info.params_per_bucket],
+        partition=_index_partition(zero, params),
+        offsets=dict(info.offsets),
+        assigned=[sorted(s) for s in info.assigned_ranks_per_bucket],
+        n=info.num_bucket_assignments,
+        status=int(info.status),
+    )
+
+
+def _overlap_parity(rank, device, hooks, admit_gloo):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for algo, ours_cls in [("Adam", oo.Adam), ("SGD", oo.SGD), ("AdamW", functional_optim.FunctionalAdamW)]:
+            for ours_hook, torch_hook in hooks:
+                for shard in (False, True):
+                    what = f"overlap {algo} {ours_hook.__name__} shard_buckets={shard}"
+                    ours, zo, po = _overlap_train(ZeRO, ours_cls, ours_hook, shard, rank, device, 6, admit_gloo)
+                    theirs, zt, pt = _overlap_train(TorchZeRO, getattr(torch.optim, algo), torch_hook, shard,
+                                                    rank, device, 6, admit_gloo)
+                    _assert_params_equal(ours, theirs, what)
+                    _assert_same_across_ranks(ours, dist.group.WORLD)
+                    mine = _assignments(zo, po)
+                    assert mine == _assignments(zt, pt), what
+                    assert len(mine["buckets"]) >= 2, mine
+                    # trainability may not change at run time with overlap
+                    po[0].requires_grad_(False)
+                    pt[0].requires_grad_(False)
+                    _same_error(lambda: zo._local_step([]), lambda: zt._local_step([]), RuntimeError)
+
+
+def _run_overlap_gloo(rank, ws):
+    from torch.distributed.algorithms.ddp_comm_hooks import ddp_zero_hook as torch_hooks
+    _overlap_parity(rank, torch.device("cpu"), [(hook_with_zero_step, torch_hooks.hook_with_zero_step)], True)
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_overlap_with_ddp_logic_on_gloo(ranks, world_size):
+    """With the Gloo refusal lifted for the test only (both implementations), overlapping the
+    step with DDP's backward (hook_with_zero_step, whole and sharded buckets, optparity, torch
+    and functional optimizer classes) matches torch bit for bit: parameters after the delayed
+    initialisation and several steps, bucket assignments, offsets and partition."""
+    ranks(world_size).run(_run_overlap_gloo, timeout=120)
 
 
 def _run_overlap_nccl(rank, ws, backend):
     from torch.distributed.algorithms.ddp_comm_hooks import ddp_zero_hook as torch_hooks
-    device = _device(rank, backend)
-    for algo in ("Adam", "SGD", "AdamW"):
-        for ours_hook, torch_hook in [(hook_with_zero_step, torch_hooks.hook_with_zero_step),
-                                      (hook_with_zero_step_interleaved, torch_hooks.hook_with_zero_step_interleaved)]:
-            for shard in (False, True):
-                ours = _overlap_train(ZeRO, ours_hook, shard, rank, device, algo, 8)
-                theirs = _overlap_train(TorchZeRO, torch_hook, shard, rank, device, algo, 8)
-                _assert_params_equal(ours, theirs, f"overlap {algo} shard={shard}")
-                _assert_same_across_ranks(ours, dist.group.WORLD)
+    hooks = [(hook_with_zero_step, torch_hooks.hook_with_zero_step),
+             (hook_with_zero_step_interleaved, torch_hooks.hook_with_zero_step_interleaved)]
+    _overlap_parity(rank, _device(rank, backend), hooks, False)
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)

@@ -23,7 +23,6 @@ Where this module departs from torch (never in the numbers produced):
     looked up by group rank throughout (torch mixes group and global ranks there);
   * consolidated state crosses ranks with ``dist.broadcast_object_list`` on CPU copies.
 """
-from __future__ import annotations
 
 import collections.abc
 import copy
