@@ -49,6 +49,7 @@ def _add_check(sub) -> None:
     p.add_argument("--param-sets", type=_csv(matrix.PARAM_SETS), default=list(matrix.PARAM_SETS))
     p.add_argument("--steps", type=int, default=matrix.STEPS)
     p.add_argument("--fail-fast", action="store_true", help="stop at the first differing case")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads while checking (default 1)")
     p.add_argument("--json", metavar="FILE", help="write every case's result as JSON")
     p.add_argument("--junit", metavar="FILE", help="write JUnit XML for CI")
     p.add_argument("-q", "--quiet", action="store_true", help="summary only, no progress")
@@ -74,7 +75,8 @@ def _run_check(args) -> int:
         try:
             report = check(spec, args.reference, algorithm=args.algorithm, paths=args.paths,
                            dtypes=[_DTYPES[d] for d in args.dtypes], param_sets=args.param_sets,
-                           steps=args.steps, fail_fast=args.fail_fast, progress=progress)
+                           steps=args.steps, fail_fast=args.fail_fast, threads=args.threads,
+                           progress=progress)
         except (ValueError, TypeError) as e:
             print(f"optparity check: {e}", file=sys.stderr)
             return 2

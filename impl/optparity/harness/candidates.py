@@ -101,9 +101,10 @@ class OptimizerDriver:
         return copy.deepcopy(self.opt.state_dict())
 
     def reload(self, state_dict: dict) -> None:
-        """Rebuild a fresh optimizer over the same params and load `state_dict` into it."""
+        """Rebuild a fresh optimizer over the same params and load `state_dict` into it.
+        The dict must be a private copy (state_dict() makes one): it may be aliased by the load."""
         self.opt = self._build()
-        self.opt.load_state_dict(copy.deepcopy(state_dict))
+        self.opt.load_state_dict(state_dict)
 
 
 class FunctionalClassDriver:

@@ -5,6 +5,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
+import torch
+
 from optparity.harness import matrix
 from optparity.harness.runner import CaseResult, Subject, default_reference, run_case
 
@@ -41,12 +43,15 @@ class CheckReport:
 def check(candidate: Any, reference: Any = None, *, algorithm: str | None = None,
           paths: Iterable[str] = matrix.PATHS, dtypes=matrix.DTYPES,
           param_sets: Iterable[str] = matrix.PARAM_SETS, steps: int = matrix.STEPS,
-          cases: list[matrix.Case] | None = None, fail_fast: bool = False,
+          cases: list[matrix.Case] | None = None, fail_fast: bool = False, threads: int | None = 1,
           progress: Callable[[CaseResult], None] | None = None) -> CheckReport:
     """Compare `candidate` with `reference` (default: torch.optim's class of the same name).
 
     candidate / reference: "module:Name" strings or the objects themselves — a torch.optim-style
     class, a functional class with step(gradients), or a functional kernel.
+    threads: torch intra-op threads while checking (None leaves the setting alone). One by default:
+    the tensors are tiny, and torch's OpenMP kernels (the fused ones especially) slow down tenfold
+    when their threads compete for cores with other work.
     """
     cand = Subject.of(candidate, algorithm)
     ref = default_reference(cand) if reference is None else Subject.of(reference, algorithm or cand.algorithm)
@@ -57,13 +62,19 @@ def check(candidate: Any, reference: Any = None, *, algorithm: str | None = None
     if cases is None:
         cases = matrix.build_cases([algo], tuple(paths), tuple(dtypes), tuple(param_sets), steps)
     report = CheckReport(cand.label, ref.label)
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
     start = time.perf_counter()
-    for case in cases:
-        result = run_case(case, cand, ref)
-        report.results.append(result)
-        if progress:
-            progress(result)
-        if fail_fast and result.status == "fail":
-            break
+    try:
+        for case in cases:
+            result = run_case(case, cand, ref)
+            report.results.append(result)
+            if progress:
+                progress(result)
+            if fail_fast and result.status == "fail":
+                break
+    finally:
+        torch.set_num_threads(previous_threads)
     report.seconds = time.perf_counter() - start
     return report
