@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_check(sub)
     _add_selftest(sub)
+    from optparity.bench.cli import add_parsers as add_bench_and_report_parsers
+    add_bench_and_report_parsers(sub)  # `bench` and `report`, each setting func like _add_check
     return parser
 
 

@@ -1,0 +1,380 @@
+"""Turn a bench run's raw samples into a Markdown summary, matplotlib figures and an HTML page.
+
+Every number is a median with its interquartile range (IQR) next to it, and every figure draws
+the IQR as error bars, so the noise of the run is visible wherever a difference is read off.
+"""
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from optparity.bench import bandwidth  # noqa: E402
+from optparity.bench.measure import COPY_BENCHMARK  # noqa: E402
+from optparity.bench.workloads import DTYPES, IMPLS  # noqa: E402
+
+SAMPLES_CSV = "samples.csv"
+MEMORY_CSV = "memory.csv"
+META_JSON = "run.json"
+SAMPLE_COLUMNS = ("benchmark", "algorithm", "impl", "library", "path", "workload", "dtype", "numel",
+                  "n_tensors", "threads", "device", "sample", "seconds", "number_per_run", "bytes_per_step")
+MEMORY_COLUMNS = ("benchmark", "algorithm", "impl", "workload", "dtype", "numel", "metric", "sample", "bytes")
+SLOWER_FACTOR = 1.05  # optparity/torch ratio worth calling out in the summary
+
+
+class ReportError(ValueError):
+    """Missing, partial or malformed results; the message names the file and what is wrong."""
+
+
+def read_csv(path: Path, required: tuple[str, ...], numeric: tuple[str, ...]) -> pd.DataFrame:
+    """A results CSV with its required columns present and its numeric columns complete."""
+    if not path.is_file():
+        raise ReportError(f"{path}: no such file")
+    try:
+        df = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise ReportError(f"{path}: empty file, no header") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise ReportError(f"{path}: not a readable CSV ({str(e).strip()})") from None
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise ReportError(f"{path}: missing column(s) {', '.join(missing)}")
+    if df.empty:
+        raise ReportError(f"{path}: header only, no samples (interrupted run?)")
+    for col in numeric:
+        values = pd.to_numeric(df[col], errors="coerce")
+        bad = values.isna()
+        if bad.any():
+            row = int(bad.idxmax())
+            what = df.loc[row, "benchmark"] if "benchmark" in df.columns else "?"
+            raise ReportError(f"{path}: column {col!r} has {int(bad.sum())} missing or non-numeric value(s), "
+                              f"first at data row {row + 1} ({what}): partial or corrupted results")
+        df[col] = values
+    return df
+
+
+def load_samples(path: Path) -> pd.DataFrame:
+    return read_csv(path, SAMPLE_COLUMNS, ("seconds", "numel", "bytes_per_step"))
+
+
+def load_memory(path: Path) -> pd.DataFrame:
+    return read_csv(path, MEMORY_COLUMNS, ("bytes", "numel"))
+
+
+def _quantiles(values: pd.Series) -> dict:
+    q1, med, q3 = values.quantile([0.25, 0.5, 0.75]).tolist()
+    return {"median": med, "q1": q1, "q3": q3, "iqr": q3 - q1, "n": int(values.size)}
+
+
+def summarize(samples: pd.DataFrame) -> pd.DataFrame:
+    """One row per benchmark: latency and achieved GB/s (median, quartiles), and the achieved
+    bandwidth as a fraction of the run's streaming-copy median."""
+    s = samples.assign(gbps=samples["bytes_per_step"] / samples["seconds"] / 1e9)
+    keys = ["benchmark", "algorithm", "impl", "library", "path", "workload", "dtype", "numel", "n_tensors"]
+    rows = []
+    for key, g in s.groupby(keys, sort=False):
+        t = _quantiles(g["seconds"])
+        bw = g["gbps"].quantile([0.25, 0.5, 0.75]).tolist()
+        rows.append({**dict(zip(keys, key)), **t, "gbps_q1": bw[0], "gbps": bw[1], "gbps_q3": bw[2]})
+    out = pd.DataFrame(rows)
+    copy = out.loc[out["benchmark"] == COPY_BENCHMARK, "gbps"]
+    copy_gbps = float(copy.iloc[0]) if not copy.empty else float("nan")
+    for col in ("gbps_q1", "gbps", "gbps_q3"):
+        out[col.replace("gbps", "roofline")] = out[col] / copy_gbps
+    return out
+
+
+def ratios(summary: pd.DataFrame) -> pd.DataFrame:
+    """optparity / torch per path. low/high pair opposite quartiles (q1/q3, q3/q1), the band the
+    ratio could take within both sides' noise."""
+    keys = ["algorithm", "path", "workload", "dtype"]
+    opt = summary[summary["library"] == "optparity"].set_index(keys)
+    ref = summary[(summary["library"] == "torch") & summary["path"].isin(["forloop", "foreach"])].set_index(keys)
+    both = opt.merge(ref, left_index=True, right_index=True, how="inner", suffixes=("_opt", "_torch"))
+    if both.empty:
+        return pd.DataFrame(columns=keys + ["numel", "optparity_s", "torch_s", "ratio", "ratio_low", "ratio_high"])
+    out = pd.DataFrame({
+        "numel": both["numel_opt"],
+        "optparity_s": both["median_opt"], "torch_s": both["median_torch"],
+        "ratio": both["median_opt"] / both["median_torch"],
+        "ratio_low": both["q1_opt"] / both["q3_torch"],
+        "ratio_high": both["q3_opt"] / both["q1_torch"],
+    }).reset_index()
+    return out
+
+
+def memory_summary(memory: pd.DataFrame) -> pd.DataFrame:
+    keys = ["benchmark", "algorithm", "impl", "workload", "dtype", "numel", "metric"]
+    rows = [{**dict(zip(keys, key)), **_quantiles(g["bytes"])} for key, g in memory.groupby(keys, sort=False)]
+    out = pd.DataFrame(rows)
+    out["per_element"] = out["median"] / out["numel"]
+    return out
+
+
+# ---------------------------------------------------------------- figures
+
+_COLORS = dict(zip(IMPLS, ("tab:blue", "tab:cyan", "tab:red", "tab:orange", "tab:purple")))
+_MARKERS = dict(zip(IMPLS, ("o", "s", "o", "s", "^")))
+
+
+def _ordered(values, order) -> list:
+    present = list(dict.fromkeys(values))
+    return [v for v in order if v in present] + [v for v in present if v not in order]
+
+
+def _yerr(median: pd.Series, low: pd.Series, high: pd.Series):
+    return [(median - low).clip(lower=0).to_numpy(), (high - median).clip(lower=0).to_numpy()]
+
+
+def _grouped_bars(ax, frame: pd.DataFrame, x_col: str, group_col: str, groups: list, x_order: list,
+                  value: str, low: str, high: str, colors: dict | None = None) -> None:
+    width = 0.8 / max(1, len(groups))
+    for k, grp in enumerate(groups):
+        part = frame[frame[group_col] == grp].set_index(x_col).reindex(x_order)
+        xs = [i + (k - (len(groups) - 1) / 2) * width for i in range(len(x_order))]
+        ax.bar(xs, part[value], width, yerr=_yerr(part[value], part[low], part[high]), capsize=2,
+               label=str(grp), color=(colors or {}).get(grp), error_kw={"elinewidth": 0.8})
+    ax.set_xticks(range(len(x_order)), x_order, rotation=45, ha="right", fontsize=8)
+
+
+def _legend(fig, axes) -> None:
+    """One legend for the figure, outside the panels, from every panel's labelled artists."""
+    labelled = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            labelled.setdefault(label, handle)
+    if labelled:
+        fig.legend(labelled.values(), labelled.keys(), loc="outside right upper", fontsize=8)
+
+
+def plot_latency(summary: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """Latency vs total parameter elements, one panel per algorithm, one line per implementation."""
+    paths = []
+    steps = summary[summary["benchmark"] != COPY_BENCHMARK]
+    for dtype in _ordered(steps["dtype"], list(DTYPES)):
+        part = steps[steps["dtype"] == dtype]
+        algos = _ordered(part["algorithm"], list(bandwidth.TRAFFIC))
+        ncols = min(4, len(algos))
+        nrows = -(-len(algos) // ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols + 1.5, 3.2 * nrows), squeeze=False,
+                                 layout="constrained")
+        for ax, algo in zip(axes.flat, algos):
+            a = part[part["algorithm"] == algo]
+            for impl in _ordered(a["impl"], IMPLS):
+                r = a[a["impl"] == impl].sort_values("numel")
+                ax.errorbar(r["numel"], r["median"] * 1e3, yerr=_yerr(r["median"] * 1e3, r["q1"] * 1e3, r["q3"] * 1e3),
+                            label=impl, color=_COLORS.get(impl), marker=_MARKERS.get(impl, "o"), capsize=2)
+            wl = a.drop_duplicates("workload").sort_values("numel")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xticks(wl["numel"], [f"{w}\n{n / 1e6:.1f}M" for w, n in zip(wl["workload"], wl["numel"])], fontsize=7)
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+            ax.set_title(algo)
+            ax.set_ylabel("ms per step")
+        for ax in list(axes.flat)[len(algos):]:
+            ax.set_visible(False)
+        _legend(fig, axes)
+        fig.suptitle(f"Step latency vs parameter elements, {dtype} (median, error bars = IQR)")
+        path = out_dir / f"latency_{dtype}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def plot_ratio(rat: pd.DataFrame, out_dir: Path) -> Path | None:
+    """optparity / torch per path: bars per workload, error bars = quartile band."""
+    if rat.empty:
+        return None
+    dtypes = _ordered(rat["dtype"], list(DTYPES))
+    paths = _ordered(rat["path"], ["forloop", "foreach"])
+    fig, axes = plt.subplots(len(dtypes), len(paths), figsize=(7 * len(paths) + 1.5, 3.5 * len(dtypes)),
+                             squeeze=False, layout="constrained")
+    for i, dtype in enumerate(dtypes):
+        for j, path in enumerate(paths):
+            ax = axes[i][j]
+            part = rat[(rat["dtype"] == dtype) & (rat["path"] == path)]
+            workloads = _ordered(part.sort_values("numel")["workload"], [])
+            _grouped_bars(ax, part, "algorithm", "workload", workloads,
+                          _ordered(part["algorithm"], list(bandwidth.TRAFFIC)), "ratio", "ratio_low", "ratio_high")
+            ax.axhline(1.0, color="black", lw=0.8)
+            ax.axhline(SLOWER_FACTOR, color="red", lw=0.8, ls="--", label=f"{SLOWER_FACTOR}x")
+            ax.set_title(f"{path}, {dtype}")
+            ax.set_ylabel("optparity / torch time")
+    _legend(fig, axes)
+    fig.suptitle("optparity / torch step time on the same path (median; error bars: q1/q3 vs q3/q1)")
+    out = out_dir / "ratio.png"
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+def plot_roofline(summary: pd.DataFrame, copy_q: dict, out_dir: Path) -> Path | None:
+    """Achieved GB/s as a fraction of the streaming copy, per workload and dtype."""
+    steps = summary[summary["benchmark"] != COPY_BENCHMARK]
+    if steps.empty:
+        return None
+    dtypes = _ordered(steps["dtype"], list(DTYPES))
+    workloads = _ordered(steps.sort_values("numel")["workload"], [])
+    fig, axes = plt.subplots(len(dtypes), len(workloads), figsize=(6 * len(workloads) + 1.5, 3.5 * len(dtypes)),
+                             squeeze=False, layout="constrained")
+    for i, dtype in enumerate(dtypes):
+        for j, wl in enumerate(workloads):
+            ax = axes[i][j]
+            part = steps[(steps["dtype"] == dtype) & (steps["workload"] == wl)]
+            _grouped_bars(ax, part, "algorithm", "impl", _ordered(part["impl"], IMPLS),
+                          _ordered(part["algorithm"], list(bandwidth.TRAFFIC)), "roofline", "roofline_q1",
+                          "roofline_q3", _COLORS)
+            ax.axhline(1.0, color="black", lw=0.8)
+            if copy_q:
+                ax.axhspan(copy_q["q1"] / copy_q["median"], copy_q["q3"] / copy_q["median"], color="grey", alpha=0.3,
+                           label="copy_ IQR")
+            ax.set_title(f"{wl}, {dtype}")
+            ax.set_ylabel("fraction of copy_ GB/s")
+    _legend(fig, axes)
+    fig.suptitle("Achieved bandwidth (minimum bytes/element x elements / step time) over the bandwidth of a "
+                 "64 MiB copy_\n(median, error bars = IQR; workloads that fit in cache can exceed 1)")
+    out = out_dir / "roofline.png"
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+def plot_memory(mem: pd.DataFrame, out_dir: Path) -> Path | None:
+    """Optimizer state and per-step temporary peak, in bytes per parameter element."""
+    if mem.empty:
+        return None
+    mem = mem.assign(pe=mem["median"] / mem["numel"], pe_q1=mem["q1"] / mem["numel"], pe_q3=mem["q3"] / mem["numel"])
+    dtypes = _ordered(mem["dtype"], list(DTYPES))
+    workloads = _ordered(mem.sort_values("numel")["workload"], [])
+    panels = [("state_bytes", workloads[-1])] + [("step_peak_bytes", w) for w in workloads]
+    fig, axes = plt.subplots(len(dtypes), len(panels), figsize=(5 * len(panels) + 1.5, 3.5 * len(dtypes)),
+                             squeeze=False, layout="constrained")
+    for i, dtype in enumerate(dtypes):
+        for j, (metric, wl) in enumerate(panels):
+            ax = axes[i][j]
+            part = mem[(mem["dtype"] == dtype) & (mem["workload"] == wl) & (mem["metric"] == metric)]
+            _grouped_bars(ax, part, "algorithm", "impl", _ordered(part["impl"], IMPLS),
+                          _ordered(part["algorithm"], list(bandwidth.TRAFFIC)), "pe", "pe_q1", "pe_q3", _COLORS)
+            ax.set_title(f"{'optimizer state' if metric == 'state_bytes' else 'step temporaries peak'}: {wl}, {dtype}",
+                         fontsize=9)
+            ax.set_ylabel("bytes per parameter element")
+    _legend(fig, axes)
+    fig.suptitle("Memory (median, error bars = IQR; allocator accounting is exact, so the IQR is ~0)")
+    out = out_dir / "memory.png"
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+# ---------------------------------------------------------------- text
+
+def _fmt_ms(s: float) -> str:
+    return f"{s * 1e3:.3f}"
+
+
+def latency_table(summary: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({
+        "benchmark": summary["benchmark"],
+        "median ms": summary["median"].map(_fmt_ms),
+        "IQR ms": summary["iqr"].map(_fmt_ms),
+        "samples": summary["n"],
+        "GB/s": summary["gbps"].map("{:.2f}".format),
+        "fraction of copy_": summary["roofline"].map("{:.2f}".format),
+    })
+
+
+def ratio_table(rat: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({
+        "algorithm": rat["algorithm"], "path": rat["path"], "workload": rat["workload"], "dtype": rat["dtype"],
+        "optparity ms": rat["optparity_s"].map(_fmt_ms), "torch ms": rat["torch_s"].map(_fmt_ms),
+        "ratio": rat["ratio"].map("{:.3f}".format),
+        "band (q1/q3 .. q3/q1)": [f"{lo:.3f} .. {hi:.3f}" for lo, hi in zip(rat["ratio_low"], rat["ratio_high"])],
+        "slower": ["" if r <= SLOWER_FACTOR else "yes, beyond noise" if lo > 1 else "yes, within noise"
+                   for r, lo in zip(rat["ratio"], rat["ratio_low"])],
+    })
+
+
+def memory_table(mem: pd.DataFrame) -> pd.DataFrame:
+    wide = mem.pivot_table(index="benchmark", columns="metric", values="median", sort=False)
+    return (wide / 2**20).round(3).add_suffix(" MiB").reset_index()
+
+
+def _copy_quartiles(samples: pd.DataFrame) -> dict:
+    copy = samples[samples["benchmark"] == COPY_BENCHMARK]
+    if copy.empty:
+        return {}
+    return _quantiles(copy["bytes_per_step"] / copy["seconds"] / 1e9)
+
+
+def write_report(run_dir: Path, samples: pd.DataFrame, memory: pd.DataFrame | None, meta: dict | None = None,
+                 ) -> list[Path]:
+    """summary.md, index.html and the PNGs into run_dir; returns the files written."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    meta = dict(meta or {})
+    summary = summarize(samples)
+    rat = ratios(summary)
+    mem = memory_summary(memory) if memory is not None and not memory.empty else pd.DataFrame()
+    copy_q = _copy_quartiles(samples)
+    if copy_q:
+        meta["copy_ bandwidth GB/s (median [q1, q3])"] = f"{copy_q['median']:.2f} [{copy_q['q1']:.2f}, {copy_q['q3']:.2f}]"
+    figures = plot_latency(summary, run_dir)
+    figures += [p for p in (plot_ratio(rat, run_dir), plot_roofline(summary, copy_q, run_dir),
+                            plot_memory(mem, run_dir) if not mem.empty else None) if p is not None]
+    used_dtypes = {d: DTYPES[d] for d in _ordered(samples["dtype"], list(DTYPES)) if d in DTYPES}
+    traffic = pd.DataFrame(bandwidth.traffic_table(used_dtypes or {"float32": DTYPES["float32"]}))
+    traffic = traffic[traffic["algorithm"].isin(samples["algorithm"])]
+    slower = rat[rat["ratio"] > SLOWER_FACTOR]
+
+    sections = [
+        ("Run", pd.DataFrame({"key": list(meta), "value": [str(v) for v in meta.values()]})),
+        ("Bytes moved per element per step (the roofline's numerator)", traffic),
+        (f"optparity slower than torch's same path by more than {SLOWER_FACTOR}x", ratio_table(slower)),
+        ("optparity / torch, every case", ratio_table(rat)),
+        ("Step latency", latency_table(summary)),
+    ]
+    if not mem.empty:
+        sections.append(("Memory (median)", memory_table(mem)))
+
+    md = ["# optparity bench", "",
+          "Medians with interquartile ranges; raw samples in `samples.csv` (one row per "
+          "torch.utils.benchmark measurement) and `memory.csv`.", ""]
+    page = ["<!doctype html><html><head><meta charset='utf-8'><title>optparity bench</title>",
+            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:12px}"
+            "td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}</style></head><body>",
+            "<h1>optparity bench</h1>"]
+    for title, table in sections:
+        md += [f"## {title}", "", table.to_markdown(index=False) if not table.empty else "(none)", ""]
+        page += [f"<h2>{html.escape(title)}</h2>", table.to_html(index=False) if not table.empty else "<p>(none)</p>"]
+    md += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures] + [""]
+    page += ["<h2>Figures</h2>"] + [f"<h3>{html.escape(p.stem)}</h3><img src='{html.escape(p.name)}'>" for p in figures]
+    page += ["</body></html>"]
+    (run_dir / "summary.md").write_text("\n".join(md))
+    (run_dir / "index.html").write_text("\n".join(page))
+    return [run_dir / "summary.md", run_dir / "index.html", *figures]
+
+
+def load_run(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame | None, dict]:
+    """samples.csv (required), memory.csv and run.json (optional) of a bench run directory."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ReportError(f"{run_dir}: not a bench run directory")
+    samples = load_samples(run_dir / SAMPLES_CSV)
+    memory = load_memory(run_dir / MEMORY_CSV) if (run_dir / MEMORY_CSV).exists() else None
+    meta = {}
+    if (run_dir / META_JSON).exists():
+        try:
+            meta = json.loads((run_dir / META_JSON).read_text())
+        except json.JSONDecodeError as e:
+            raise ReportError(f"{run_dir / META_JSON}: malformed JSON ({e})") from None
+        if not isinstance(meta, dict):
+            raise ReportError(f"{run_dir / META_JSON}: expected a JSON object")
+    return samples, memory, meta
