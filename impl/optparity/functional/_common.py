@@ -10,8 +10,6 @@ from torch import Tensor
 # Devices whose foreach kernels torch prefers by default (CPU is *not* one of them:
 # on CPU torch.optim defaults to the for-loop path).
 _FOREACH_DEFAULT_DEVICES = ("cuda", "xpu", "mtia")
-# Devices where torch.optim accepts capturable=True.
-CAPTURABLE_DEVICES = ("cuda", "xpu", "hpu", "xla")
 
 
 def to_scalar(x: Any) -> Any:
@@ -47,16 +45,89 @@ def default_foreach(params: list[Tensor], differentiable: bool) -> bool:
     )
 
 
-def check_capturable_devices(param: Tensor, step: Tensor) -> None:
-    if not (param.device.type == step.device.type and param.device.type in _capturable_devices()):
-        raise AssertionError(
-            "If capturable=True, params and state_steps must be on supported devices: "
-            f"{_capturable_devices()}."
+def capturable_devices(supports_xla: bool = True) -> list[str]:
+    """Device types torch.optim accepts for capturable=True, in torch's order (the list is
+    printed in the error, so order matters). Some paths of some algorithms leave out XLA."""
+    kinds = ["cuda", "xpu", "hpu"]
+    if not torch.jit.is_scripting():
+        kinds.append(torch._C._get_privateuse1_backend_name())
+    if supports_xla:
+        kinds.append("xla")
+    return kinds
+
+
+def check_capturable(params: list[Tensor], state_steps: list[Tensor], supports_xla: bool = True) -> None:
+    """capturable=True needs each param and its step on one supported device type (never
+    checked while compiling). The for-loop paths call this one param at a time."""
+    if torch.compiler.is_compiling():
+        return
+    kinds = capturable_devices(supports_xla)
+    for p, step in zip(params, state_steps, strict=True):
+        if not (p.device.type == step.device.type and p.device.type in kinds):
+            raise AssertionError(
+                f"If capturable=True, params and state_steps must be on supported devices: {kinds}."
+            )
+
+
+def check_state_steps(state_steps: list, skip_when_compiling: bool = True) -> None:
+    """Steps must be tensors (a list of Python numbers is the pre-1.12 API)."""
+    if skip_when_compiling and torch.compiler.is_compiling():
+        return
+    if not all(isinstance(s, Tensor) for s in state_steps):
+        raise RuntimeError(
+            "API has changed, `state_steps` argument must contain a list of singleton tensors"
         )
 
 
-def _capturable_devices() -> list[str]:
-    return [*CAPTURABLE_DEVICES, torch._C._get_privateuse1_backend_name()]
+def choose_paths(params: list[Tensor], differentiable: bool, foreach: bool | None,
+                 fused: bool | None = None, foreach_allowed: bool = True) -> tuple[bool, bool]:
+    """(foreach, fused) as torch.optim picks them: when neither was given, foreach by device
+    (default_foreach; `foreach_allowed=False` vetoes it) and never fused; an unset one is False."""
+    if fused is None and foreach is None:
+        foreach = default_foreach(params, differentiable) and foreach_allowed
+    if fused is None:
+        fused = False
+    if foreach is None:
+        foreach = False
+    return foreach, fused
+
+
+def refuse_scripting(foreach: bool, fused: bool = False) -> None:
+    if torch.jit.is_scripting():
+        if foreach:
+            raise RuntimeError("torch.jit.script not supported with foreach optimizers")
+        if fused:
+            raise RuntimeError("torch.jit.script not supported with fused optimizers")
+
+
+def refuse_amp_scaling(grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+    """Only the fused paths take a GradScaler's grad_scale / found_inf."""
+    if grad_scale is not None or found_inf is not None:
+        raise AssertionError("Expected grad_scale and found_inf to be None")
+
+
+def increment_steps(steps: list[Tensor]) -> None:
+    """`step += 1` on a foreach group. On CPU, like torch, one wrapped 1.0 tensor (alpha picks
+    the tensor overload) instead of wrapping the Python 1 for every element."""
+    if not torch.compiler.is_compiling() and steps[0].is_cpu:
+        torch._foreach_add_(steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
+    else:
+        torch._foreach_add_(steps, 1)
+
+
+class PerDevice:
+    """A fused kernel's grad_scale / found_inf, copied to each device it is needed on, once.
+    Holds None when the tensor is None."""
+
+    def __init__(self, tensor: Tensor | None, non_blocking: bool) -> None:
+        self._tensor = tensor
+        self._non_blocking = non_blocking
+        self._copies = {} if tensor is None else {tensor.device: tensor}
+
+    def on(self, device) -> Tensor | None:
+        if self._tensor is None:
+            return None
+        return self._copies.setdefault(device, self._tensor.to(device, non_blocking=self._non_blocking))
 
 
 def group_by_device_and_dtype(tensorlists: list[list[Tensor]]):

@@ -10,32 +10,17 @@ import torch
 from torch import Tensor
 
 from optparity.functional._common import (
+    check_capturable,
+    check_state_steps,
     default_foreach,
     group_by_device_and_dtype,
+    increment_steps,
+    refuse_scripting,
     to_scalar,
     view_complex_as_real,
 )
 
 __all__ = ["adadelta"]
-
-
-def _capturable_device_types() -> list[str]:
-    # Adadelta's list leaves out XLA (torch asks for it with supports_xla=False),
-    # so the shared helper's message would not match; keep torch's order here.
-    kinds = ["cuda", "xpu", "hpu"]
-    if not torch.jit.is_scripting():
-        kinds.append(torch._C._get_privateuse1_backend_name())
-    return kinds
-
-
-def _ensure_capturable_ok(params: list[Tensor], state_steps: list[Tensor]) -> None:
-    kinds = _capturable_device_types()
-    for p, s in zip(params, state_steps, strict=True):
-        if not (p.device.type == s.device.type and p.device.type in kinds):
-            raise AssertionError(
-                "If capturable=True, params and state_steps must be on supported devices: "
-                f"{kinds}."
-            )
 
 
 def _single_tensor_adadelta(
@@ -54,8 +39,9 @@ def _single_tensor_adadelta(
     capturable: bool,
     has_complex: bool,
 ) -> None:
-    if capturable and not torch.compiler.is_compiling():
-        _ensure_capturable_ok(params, state_steps)
+    if capturable:
+        # Adadelta's device list leaves out XLA, on both paths
+        check_capturable(params, state_steps, supports_xla=False)
 
     if not torch.jit.is_scripting():
         lr = to_scalar(lr)
@@ -107,8 +93,9 @@ def _multi_tensor_adadelta(
 ) -> None:
     if differentiable:
         raise AssertionError("_foreach ops don't support autograd")
-    if capturable and not torch.compiler.is_compiling():
-        _ensure_capturable_ok(params, state_steps)
+    if capturable:
+        # Adadelta's device list leaves out XLA, on both paths
+        check_capturable(params, state_steps, supports_xla=False)
     if not params:
         return
 
@@ -119,12 +106,7 @@ def _multi_tensor_adadelta(
         if has_complex:
             view_complex_as_real(g_params, g_grads, g_sqs, g_accs)
 
-        # CPU steps: one pre-built tensor operand (with alpha, to pick the Tensor
-        # overload) instead of re-wrapping the Python 1 for every element
-        if g_steps[0].is_cpu and not torch.compiler.is_compiling():
-            torch._foreach_add_(g_steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
-        else:
-            torch._foreach_add_(g_steps, 1)
+        increment_steps(g_steps)
 
         if maximize:
             g_grads = torch._foreach_neg(g_grads)
@@ -175,15 +157,10 @@ def adadelta(
     maximize: bool,
 ) -> None:
     """Functional Adadelta step over lists of params, grads and state (see optparity.optim.Adadelta)."""
-    if not torch.compiler.is_compiling() and not all(isinstance(s, Tensor) for s in state_steps):
-        raise RuntimeError(
-            "API has changed, `state_steps` argument must contain a list of singleton tensors"
-        )
-
+    check_state_steps(state_steps)
     if foreach is None:
         foreach = default_foreach(params, differentiable)
-    if foreach and torch.jit.is_scripting():
-        raise RuntimeError("torch.jit.script not supported with foreach optimizers")
+    refuse_scripting(foreach)
 
     impl = _multi_tensor_adadelta if foreach else _single_tensor_adadelta
     impl(

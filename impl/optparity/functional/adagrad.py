@@ -10,8 +10,13 @@ import torch
 from torch import Tensor
 
 from optparity.functional._common import (
-    default_foreach,
+    PerDevice,
+    check_state_steps,
+    choose_paths,
     group_by_device_and_dtype,
+    increment_steps,
+    refuse_amp_scaling,
+    refuse_scripting,
     to_scalar,
     view_complex_as_real,
 )
@@ -46,24 +51,11 @@ def adagrad(
     maximize: bool,
 ) -> None:
     """Functional Adagrad; same signature and path choice as torch.optim.adagrad.adagrad."""
-    if any(not isinstance(s, Tensor) for s in state_steps):
-        raise RuntimeError(
-            "API has changed, `state_steps` argument must contain a list of singleton tensors"
-        )
-
+    # Unlike most algorithms, torch checks this even while compiling.
+    check_state_steps(state_steps, skip_when_compiling=False)
     # Default only when neither switch was given; Adagrad never defaults to fused.
-    if fused is None and foreach is None:
-        foreach = default_foreach(params, differentiable)
-    if fused is None:
-        fused = False
-    if foreach is None:
-        foreach = False
-
-    if torch.jit.is_scripting():
-        if foreach:
-            raise RuntimeError("torch.jit.script not supported with foreach optimizers")
-        if fused:
-            raise RuntimeError("torch.jit.script not supported with fused optimizers")
+    foreach, fused = choose_paths(params, differentiable, foreach, fused)
+    refuse_scripting(foreach, fused)
 
     # For Adagrad fused wins over foreach when both are set.
     if fused:
@@ -113,8 +105,7 @@ def _single_tensor_adagrad(
     differentiable: bool,
     has_complex: bool,
 ) -> None:
-    if grad_scale is not None or found_inf is not None:
-        raise AssertionError("Expected grad_scale and found_inf to be None")
+    refuse_amp_scaling(grad_scale, found_inf)
     if not torch.jit.is_scripting():
         lr = to_scalar(lr)
 
@@ -172,8 +163,7 @@ def _multi_tensor_adagrad(
 ) -> None:
     if differentiable:
         raise AssertionError("_foreach ops don't support autograd")
-    if grad_scale is not None or found_inf is not None:
-        raise AssertionError("Expected grad_scale and found_inf to be None")
+    refuse_amp_scaling(grad_scale, found_inf)
     if not params:
         return
 
@@ -206,11 +196,7 @@ def _multi_tensor_adagrad(
         if maximize:
             g_grads = torch._foreach_neg(g_grads)
 
-        if not torch.compiler.is_compiling() and g_steps[0].is_cpu:
-            # one wrapped CPU scalar for the whole list (alpha picks the Tensor overload)
-            torch._foreach_add_(g_steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
-        else:
-            torch._foreach_add_(g_steps, 1)
+        increment_steps(g_steps)
 
         if weight_decay != 0:
             if maximize:
@@ -258,9 +244,8 @@ def _fused_adagrad(
     if differentiable:
         raise RuntimeError("adagrad with fused=True does not support differentiable=True")
 
-    # per-device copies, created on first need
-    scale_on: dict = {} if grad_scale is None else {grad_scale.device: grad_scale}
-    inf_on: dict = {} if found_inf is None else {found_inf.device: found_inf}
+    scale_on = PerDevice(grad_scale, non_blocking=True)
+    inf_on = PerDevice(found_inf, non_blocking=True)
     # a CPU tensor lr is passed as is; an accelerator one is copied per device
     lr_on: dict | None = (
         {lr.device: lr} if isinstance(lr, Tensor) and str(lr.device) != "cpu" else None
@@ -268,12 +253,8 @@ def _fused_adagrad(
 
     groups = group_by_device_and_dtype([params, grads, state_sums, state_steps])
     for (device, _dtype), ((g_params, g_grads, g_sums, g_steps), _) in groups.items():
-        dev_scale = None
-        dev_inf = None
-        if grad_scale is not None:
-            dev_scale = scale_on.setdefault(device, grad_scale.to(device, non_blocking=True))
-        if found_inf is not None:
-            dev_inf = inf_on.setdefault(device, found_inf.to(device, non_blocking=True))
+        dev_scale = scale_on.on(device)
+        dev_inf = inf_on.on(device)
         if lr_on is not None and device not in lr_on:
             lr_on[device] = lr.to(device=device, non_blocking=True)
             lr = lr_on[device]

@@ -13,29 +13,19 @@ import torch
 from torch import Tensor
 
 from optparity.functional._common import (
-    default_foreach,
+    PerDevice,
+    check_capturable,
+    check_state_steps,
+    choose_paths,
     group_by_device_and_dtype,
+    increment_steps,
+    refuse_amp_scaling,
+    refuse_scripting,
     to_scalar,
     view_complex_as_real,
 )
 
 __all__ = ["adam"]
-
-
-def _capturable_device_types(with_xla: bool) -> list[str]:
-    # torch's list order (privateuse1 before xla) shows up in the error message.
-    kinds = ["cuda", "xpu", "hpu"]
-    if not torch.jit.is_scripting():
-        kinds.append(torch._C._get_privateuse1_backend_name())
-    if with_xla:
-        kinds.append("xla")
-    return kinds
-
-
-def _capturable_error(kinds: list[str]) -> AssertionError:
-    return AssertionError(
-        f"If capturable=True, params and state_steps must be on supported devices: {kinds}."
-    )
 
 
 def _single_tensor_adam(
@@ -60,8 +50,7 @@ def _single_tensor_adam(
     differentiable: bool,
     decoupled_weight_decay: bool,
 ) -> None:
-    if grad_scale is not None or found_inf is not None:
-        raise AssertionError("Expected grad_scale and found_inf to be None")
+    refuse_amp_scaling(grad_scale, found_inf)
 
     lr = to_scalar(lr)
     beta1 = to_scalar(beta1)
@@ -81,10 +70,8 @@ def _single_tensor_adam(
         v = exp_avg_sqs[i]
         step_t = state_steps[i]
 
-        if capturable and not torch.compiler.is_compiling():
-            kinds = _capturable_device_types(with_xla=True)
-            if not (param.device.type == step_t.device.type and param.device.type in kinds):
-                raise _capturable_error(kinds)
+        if capturable:
+            check_capturable([param], [step_t], supports_xla=True)
 
         step_t += 1
 
@@ -213,14 +200,10 @@ def _multi_tensor_adam(
             if beta.numel() != 1:
                 raise ValueError(f"Tensor {name} must be 1-element")
 
-    if capturable and not torch.compiler.is_compiling():
-        kinds = _capturable_device_types(with_xla=False)
-        for p, s in zip(params, state_steps, strict=True):
-            if not (p.device.type == s.device.type and p.device.type in kinds):
-                raise _capturable_error(kinds)
+    if capturable:
+        check_capturable(params, state_steps, supports_xla=False)
 
-    if grad_scale is not None or found_inf is not None:
-        raise AssertionError("Expected grad_scale and found_inf to be None")
+    refuse_amp_scaling(grad_scale, found_inf)
     if differentiable:
         raise AssertionError("_foreach ops don't support autograd")
 
@@ -254,12 +237,7 @@ def _multi_tensor_adam(
         if maximize:
             g_grads = torch._foreach_neg(g_grads)
 
-        # One wrapped 1.0 (with alpha, to hit the tensor overload) instead of a fresh
-        # scalar tensor per CPU step counter.
-        if not torch.compiler.is_compiling() and g_steps[0].is_cpu:
-            torch._foreach_add_(g_steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
-        else:
-            torch._foreach_add_(g_steps, 1)
+        increment_steps(g_steps)
 
         if weight_decay != 0:
             if decoupled_weight_decay:
@@ -351,8 +329,8 @@ def _fused_adam(
     beta1 = to_scalar(beta1)
     beta2 = to_scalar(beta2)
 
-    scale_per_device: dict = {grad_scale.device: grad_scale} if grad_scale is not None else {}
-    inf_per_device: dict = {found_inf.device: found_inf} if found_inf is not None else {}
+    scale_on = PerDevice(grad_scale, non_blocking=True)
+    inf_on = PerDevice(found_inf, non_blocking=True)
     lr_per_device: dict | None = (
         {lr.device: lr} if isinstance(lr, Tensor) and str(lr.device) != "cpu" else None
     )
@@ -362,14 +340,8 @@ def _fused_adam(
         [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps]
     )
     for (device, _), ((g_params, g_grads, g_m, g_v, g_vmax, g_steps), _) in groups.items():
-        g_scale = None
-        g_inf = None
-        if grad_scale is not None:
-            g_scale = scale_per_device.setdefault(
-                device, grad_scale.to(device, non_blocking=True)
-            )
-        if found_inf is not None:
-            g_inf = inf_per_device.setdefault(device, found_inf.to(device, non_blocking=True))
+        g_scale = scale_on.on(device)
+        g_inf = inf_on.on(device)
         if lr_per_device is not None and device not in lr_per_device:
             lr_per_device[device] = lr.to(device=device, non_blocking=True)
             lr = lr_per_device[device]
@@ -424,26 +396,15 @@ def adam(
     """Functional Adam: update `params` and the state lists in place (see optparity.optim.Adam)."""
     # Fused is never picked automatically; foreach follows torch's device rule, except
     # that a tensor lr without capturable keeps us on the for-loop.
-    if fused is None and foreach is None:
-        foreach = default_foreach(params, differentiable)
-        if foreach and isinstance(lr, Tensor) and not capturable:
-            foreach = False
-    if fused is None:
-        fused = False
-    if foreach is None:
-        foreach = False
-
-    if not torch.compiler.is_compiling() and not all(
-        isinstance(t, Tensor) for t in state_steps
-    ):
-        raise RuntimeError(
-            "API has changed, `state_steps` argument must contain a list of singleton tensors"
-        )
-
-    if foreach and torch.jit.is_scripting():
-        raise RuntimeError("torch.jit.script not supported with foreach optimizers")
-    if fused and torch.jit.is_scripting():
-        raise RuntimeError("torch.jit.script not supported with fused optimizers")
+    foreach, fused = choose_paths(
+        params,
+        differentiable,
+        foreach,
+        fused,
+        foreach_allowed=not (isinstance(lr, Tensor) and not capturable),
+    )
+    check_state_steps(state_steps)
+    refuse_scripting(foreach, fused)
 
     if fused:
         impl = _fused_adam

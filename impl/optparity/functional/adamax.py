@@ -12,28 +12,17 @@ from torch import Tensor
 
 from optparity.functional._common import (
     as_python_number,
+    check_capturable,
+    check_state_steps,
     default_foreach,
     group_by_device_and_dtype,
+    increment_steps,
+    refuse_scripting,
     to_scalar,
     view_complex_as_real,
 )
 
 __all__ = ["adamax"]
-
-
-def _capturable_device_names(with_xla: bool) -> list[str]:
-    # Same list (and order) torch prints in its capturable error message.
-    names = ["cuda", "xpu", "hpu", torch._C._get_privateuse1_backend_name()]
-    if with_xla:
-        names.append("xla")
-    return names
-
-
-def _capturable_error(with_xla: bool) -> AssertionError:
-    return AssertionError(
-        "If capturable=True, params and state_steps must be on supported devices: "
-        f"{_capturable_device_names(with_xla)}."
-    )
 
 
 def _single_tensor_adamax(
@@ -64,10 +53,8 @@ def _single_tensor_adamax(
         u = exp_infs[idx]
         step = state_steps[idx]
 
-        if capturable and not torch.compiler.is_compiling():
-            devices = _capturable_device_names(with_xla=True)
-            if param.device.type != step.device.type or param.device.type not in devices:
-                raise _capturable_error(with_xla=True)
+        if capturable:
+            check_capturable([param], [step], supports_xla=True)
 
         step += 1
 
@@ -128,11 +115,8 @@ def _multi_tensor_adamax(
     if len(params) == 0:
         return
 
-    if capturable and not torch.compiler.is_compiling():
-        devices = _capturable_device_names(with_xla=False)
-        for p, s in zip(params, state_steps, strict=True):
-            if not (p.device.type == s.device.type and p.device.type in devices):
-                raise _capturable_error(with_xla=False)
+    if capturable:
+        check_capturable(params, state_steps, supports_xla=False)
 
     lr = to_scalar(lr)
 
@@ -147,11 +131,7 @@ def _multi_tensor_adamax(
             g_grads = torch._foreach_neg(g_grads)
             owned = True
 
-        # A CPU tensor increment (with alpha, to hit the tensor overload) like torch.
-        if not torch.compiler.is_compiling() and g_steps[0].is_cpu:
-            torch._foreach_add_(g_steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
-        else:
-            torch._foreach_add_(g_steps, 1)
+        increment_steps(g_steps)
 
         if weight_decay != 0:
             if owned:
@@ -207,18 +187,10 @@ def adamax(
     weight_decay: float,
 ) -> None:
     """Functional Adamax step over lists of tensors (see optparity.optim.Adamax)."""
-    if not torch.compiler.is_compiling() and not all(
-        isinstance(s, torch.Tensor) for s in state_steps
-    ):
-        raise RuntimeError(
-            "API has changed, `state_steps` argument must contain a list of singleton tensors"
-        )
-
+    check_state_steps(state_steps)
     if foreach is None:
         foreach = default_foreach(params, differentiable)
-
-    if foreach and torch.jit.is_scripting():
-        raise RuntimeError("torch.jit.script not supported with foreach optimizers")
+    refuse_scripting(foreach)
 
     impl = _multi_tensor_adamax if foreach else _single_tensor_adamax
     impl(

@@ -9,28 +9,17 @@ import torch
 from torch import Tensor
 
 from optparity.functional._common import (
+    check_capturable,
+    check_state_steps,
     default_foreach,
     group_by_device_and_dtype,
+    increment_steps,
+    refuse_scripting,
     to_scalar,
     view_complex_as_real,
 )
 
 __all__ = ["rmsprop"]
-
-
-def _capturable_device_types() -> list[str]:
-    # torch's order for RMSprop: privateuse1 backend before xla (differs from _common's)
-    kinds = ["cuda", "xpu", "hpu"]
-    if not torch.jit.is_scripting():
-        kinds.append(torch._C._get_privateuse1_backend_name())
-    kinds.append("xla")
-    return kinds
-
-
-def _capturable_error(kinds: list[str]) -> AssertionError:
-    return AssertionError(
-        f"If capturable=True, params and state_steps must be on supported devices: {kinds}."
-    )
 
 
 def _single_tensor_rmsprop(
@@ -58,10 +47,8 @@ def _single_tensor_rmsprop(
     for i, p in enumerate(params):
         step = state_steps[i]
         # checked per parameter, inside the loop (earlier params are already updated)
-        if capturable and not torch.compiler.is_compiling():
-            kinds = _capturable_device_types()
-            if not (p.device.type == step.device.type and p.device.type in kinds):
-                raise _capturable_error(kinds)
+        if capturable:
+            check_capturable([p], [step], supports_xla=True)
 
         g = grads[i]
         if maximize:
@@ -128,13 +115,8 @@ def _multi_tensor_rmsprop(
         return
     if differentiable:
         raise AssertionError("_foreach ops don't support autograd")
-    if capturable and not torch.compiler.is_compiling():
-        kinds = _capturable_device_types()
-        if not all(
-            p.device.type == s.device.type and p.device.type in kinds
-            for p, s in zip(params, state_steps, strict=True)
-        ):
-            raise _capturable_error(kinds)
+    if capturable:
+        check_capturable(params, state_steps, supports_xla=True)
 
     lr = to_scalar(lr)
 
@@ -153,11 +135,7 @@ def _multi_tensor_rmsprop(
         if maximize:
             g_grads = torch._foreach_neg(g_grads)
 
-        # CPU steps: a single pre-built tensor operand (alpha selects that overload)
-        if g_steps[0].is_cpu and not torch.compiler.is_compiling():
-            torch._foreach_add_(g_steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
-        else:
-            torch._foreach_add_(g_steps, 1)
+        increment_steps(g_steps)
 
         if weight_decay != 0:
             if maximize:
@@ -214,15 +192,10 @@ def rmsprop(
     centered: bool,
 ) -> None:
     """Functional RMSprop step over lists of params, grads and state (see optparity.optim.RMSprop)."""
-    if not torch.compiler.is_compiling() and not all(isinstance(s, Tensor) for s in state_steps):
-        raise RuntimeError(
-            "API has changed, `state_steps` argument must contain a list of singleton tensors"
-        )
-
+    check_state_steps(state_steps)
     if foreach is None:
         foreach = default_foreach(params, differentiable)
-    if foreach and torch.jit.is_scripting():
-        raise RuntimeError("torch.jit.script not supported with foreach optimizers")
+    refuse_scripting(foreach)
 
     impl = _multi_tensor_rmsprop if foreach else _single_tensor_rmsprop
     impl(

@@ -10,24 +10,16 @@ import torch
 from torch import Tensor
 
 from optparity.functional._common import (
+    check_capturable,
+    check_state_steps,
     default_foreach,
     group_by_device_and_dtype,
+    increment_steps,
+    refuse_scripting,
     view_complex_as_real,
 )
 
 __all__ = ["rprop"]
-
-
-def _capturable_device_names() -> list[str]:
-    # Same list (and order) torch prints in its capturable error message.
-    return ["cuda", "xpu", "hpu", torch._C._get_privateuse1_backend_name(), "xla"]
-
-
-def _capturable_error() -> AssertionError:
-    return AssertionError(
-        "If capturable=True, params and state_steps must be on supported devices: "
-        f"{_capturable_device_names()}."
-    )
 
 
 def _sign_to_factor_(sign: Tensor, etaminus: float, etaplus: float, capturable: bool) -> None:
@@ -67,10 +59,8 @@ def _single_tensor_rprop(
         delta = step_sizes[idx]
         step = state_steps[idx]
 
-        if capturable and not torch.compiler.is_compiling():
-            devices = _capturable_device_names()
-            if param.device.type != step.device.type or param.device.type not in devices:
-                raise _capturable_error()
+        if capturable:
+            check_capturable([param], [step], supports_xla=True)
 
         step += 1
 
@@ -119,19 +109,12 @@ def _multi_tensor_rprop(
     if differentiable:
         raise AssertionError("_foreach ops don't support autograd")
 
-    if capturable and not torch.compiler.is_compiling():
-        devices = _capturable_device_names()
-        for p, s in zip(params, state_steps, strict=True):
-            if not (p.device.type == s.device.type and p.device.type in devices):
-                raise _capturable_error()
+    if capturable:
+        check_capturable(params, state_steps, supports_xla=True)
 
     groups = group_by_device_and_dtype([params, grads, prevs, step_sizes, state_steps])
     for (g_params, g_grads, g_prevs, g_deltas, g_steps), _ in groups.values():
-        # A CPU tensor increment (with alpha, to hit the tensor overload) like torch.
-        if not torch.compiler.is_compiling() and g_steps[0].is_cpu:
-            torch._foreach_add_(g_steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
-        else:
-            torch._foreach_add_(g_steps, 1)
+        increment_steps(g_steps)
 
         if has_complex:
             view_complex_as_real(g_params, g_grads, g_prevs, g_deltas)
@@ -181,18 +164,10 @@ def rprop(
     etaplus: float,
 ) -> None:
     """Functional Rprop step over lists of tensors (see optparity.optim.Rprop)."""
-    if not torch.compiler.is_compiling() and not all(
-        isinstance(s, torch.Tensor) for s in state_steps
-    ):
-        raise RuntimeError(
-            "API has changed, `state_steps` argument must contain a list of singleton tensors"
-        )
-
+    check_state_steps(state_steps)
     if foreach is None:
         foreach = default_foreach(params, differentiable)
-
-    if foreach and torch.jit.is_scripting():
-        raise RuntimeError("torch.jit.script not supported with foreach optimizers")
+    refuse_scripting(foreach)
 
     impl = _multi_tensor_rprop if foreach else _single_tensor_rprop
     impl(

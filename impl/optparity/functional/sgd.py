@@ -9,7 +9,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from optparity.functional._common import default_foreach, group_by_device_and_dtype, to_scalar
+from optparity.functional._common import (
+    PerDevice,
+    default_foreach,
+    group_by_device_and_dtype,
+    refuse_amp_scaling,
+    refuse_scripting,
+    to_scalar,
+)
 
 __all__ = ["sgd"]
 
@@ -42,11 +49,7 @@ def sgd(
     foreach = bool(foreach) if foreach is not None else False
     fused = bool(fused) if fused is not None else False
 
-    if torch.jit.is_scripting():
-        if foreach:
-            raise RuntimeError("torch.jit.script not supported with foreach optimizers")
-        if fused:
-            raise RuntimeError("torch.jit.script not supported with fused optimizers")
+    refuse_scripting(foreach, fused)
 
     # For SGD the foreach flag wins over fused when both are set.
     if foreach:
@@ -72,11 +75,6 @@ def sgd(
     )
 
 
-def _no_amp_scaling(grad_scale, found_inf) -> None:
-    if grad_scale is not None or found_inf is not None:
-        raise AssertionError("Expected grad_scale and found_inf to be None")
-
-
 def _single_tensor_sgd(
     params: list[Tensor],
     grads: list[Tensor],
@@ -92,7 +90,7 @@ def _single_tensor_sgd(
     maximize: bool,
     has_sparse_grad: bool,
 ) -> None:
-    _no_amp_scaling(grad_scale, found_inf)
+    refuse_amp_scaling(grad_scale, found_inf)
     if not torch.jit.is_scripting():
         lr = to_scalar(lr)
     lr_in_graph = isinstance(lr, Tensor) and lr.requires_grad
@@ -140,7 +138,7 @@ def _multi_tensor_sgd(
     maximize: bool,
     has_sparse_grad: bool,
 ) -> None:
-    _no_amp_scaling(grad_scale, found_inf)
+    refuse_amp_scaling(grad_scale, found_inf)
     if not params:
         return
     lr = to_scalar(lr)
@@ -211,9 +209,8 @@ def _fused_sgd(
     if has_sparse_grad:
         raise RuntimeError("`_fused_sgd` does not support sparse gradients")
 
-    # one copy of grad_scale / found_inf per device, made on first need
-    scale_on: dict = {} if grad_scale is None else {grad_scale.device: grad_scale}
-    inf_on: dict = {} if found_inf is None else {found_inf.device: found_inf}
+    scale_on = PerDevice(grad_scale, non_blocking=False)
+    inf_on = PerDevice(found_inf, non_blocking=False)
 
     uses_buffers = momentum != 0
     # The kernel initialises buffers itself on the first step, given uninitialised storage.
@@ -224,12 +221,8 @@ def _fused_sgd(
 
     groups = group_by_device_and_dtype([params, grads, momentum_buffer_list])
     for (device, _dtype), ((g_params, g_grads, g_bufs), _) in groups.items():
-        dev_scale = None
-        dev_inf = None
-        if grad_scale is not None:
-            dev_scale = scale_on.setdefault(device, grad_scale.to(device))
-        if found_inf is not None:
-            dev_inf = inf_on.setdefault(device, found_inf.to(device))
+        dev_scale = scale_on.on(device)
+        dev_inf = inf_on.on(device)
         torch._fused_sgd_(
             g_params,
             g_grads,
