@@ -1,5 +1,6 @@
-"""Small pieces every functional optimizer needs: scalar handling, complex views,
-path selection and grouping. None of this is algorithm math."""
+"""Small pieces every functional optimizer needs: scalar handling, complex views, path
+selection and dispatch, torch's argument checks (with its exact messages), step counting,
+per-device copies for the fused kernels, and grouping. None of this is algorithm math."""
 from __future__ import annotations
 
 from typing import Any
@@ -56,7 +57,9 @@ def capturable_devices(supports_xla: bool = True) -> list[str]:
     return kinds
 
 
-def check_capturable(params: list[Tensor], state_steps: list[Tensor], supports_xla: bool = True) -> None:
+def check_capturable(
+    params: list[Tensor], state_steps: list[Tensor], supports_xla: bool = True
+) -> None:
     """capturable=True needs each param and its step on one supported device type (never
     checked while compiling). The for-loop paths call this one param at a time."""
     if torch.compiler.is_compiling():
@@ -92,6 +95,17 @@ def choose_paths(params: list[Tensor], differentiable: bool, foreach: bool | Non
     return foreach, fused
 
 
+def pick_kernel(single, multi, params: list[Tensor], state_steps: list, foreach: bool | None,
+                differentiable: bool):
+    """Dispatch for an algorithm without a fused path, as torch does it: check state_steps,
+    default foreach by device, refuse foreach under TorchScript; returns the kernel to run."""
+    check_state_steps(state_steps)
+    if foreach is None:
+        foreach = default_foreach(params, differentiable)
+    refuse_scripting(foreach)
+    return multi if foreach else single
+
+
 def refuse_scripting(foreach: bool, fused: bool = False) -> None:
     if torch.jit.is_scripting():
         if foreach:
@@ -115,6 +129,24 @@ def increment_steps(steps: list[Tensor]) -> None:
         torch._foreach_add_(steps, 1)
 
 
+class PerDeviceLr:
+    """The lr torch's fused Adam/AdamW/Adagrad paths hand each device group: a number or a
+    CPU tensor as given; an accelerator tensor copied to each device once. As in torch, the
+    lr in use switches only when a device is met for the first time."""
+
+    def __init__(self, lr) -> None:
+        self._lr = lr
+        self._copies = (
+            {lr.device: lr} if isinstance(lr, Tensor) and str(lr.device) != "cpu" else None
+        )
+
+    def on(self, device):
+        if self._copies is not None and device not in self._copies:
+            self._copies[device] = self._lr.to(device=device, non_blocking=True)
+            self._lr = self._copies[device]
+        return self._lr
+
+
 class PerDevice:
     """A fused kernel's grad_scale / found_inf, copied to each device it is needed on, once.
     Holds None when the tensor is None."""
@@ -127,7 +159,8 @@ class PerDevice:
     def on(self, device) -> Tensor | None:
         if self._tensor is None:
             return None
-        return self._copies.setdefault(device, self._tensor.to(device, non_blocking=self._non_blocking))
+        copy = self._tensor.to(device, non_blocking=self._non_blocking)
+        return self._copies.setdefault(device, copy)
 
 
 def group_by_device_and_dtype(tensorlists: list[list[Tensor]]):

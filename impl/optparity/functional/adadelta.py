@@ -11,11 +11,9 @@ from torch import Tensor
 
 from optparity.functional._common import (
     check_capturable,
-    check_state_steps,
-    default_foreach,
     group_by_device_and_dtype,
     increment_steps,
-    refuse_scripting,
+    pick_kernel,
     to_scalar,
     view_complex_as_real,
 )
@@ -157,12 +155,9 @@ def adadelta(
     maximize: bool,
 ) -> None:
     """Functional Adadelta step over lists of params, grads and state (see optparity.optim.Adadelta)."""
-    check_state_steps(state_steps)
-    if foreach is None:
-        foreach = default_foreach(params, differentiable)
-    refuse_scripting(foreach)
-
-    impl = _multi_tensor_adadelta if foreach else _single_tensor_adadelta
+    impl = pick_kernel(
+        _single_tensor_adadelta, _multi_tensor_adadelta, params, state_steps, foreach, differentiable
+    )
     impl(
         params,
         grads,

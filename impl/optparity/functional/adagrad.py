@@ -11,6 +11,7 @@ from torch import Tensor
 
 from optparity.functional._common import (
     PerDevice,
+    PerDeviceLr,
     check_state_steps,
     choose_paths,
     group_by_device_and_dtype,
@@ -246,18 +247,13 @@ def _fused_adagrad(
 
     scale_on = PerDevice(grad_scale, non_blocking=True)
     inf_on = PerDevice(found_inf, non_blocking=True)
-    # a CPU tensor lr is passed as is; an accelerator one is copied per device
-    lr_on: dict | None = (
-        {lr.device: lr} if isinstance(lr, Tensor) and str(lr.device) != "cpu" else None
-    )
+    lr_on = PerDeviceLr(lr)
 
     groups = group_by_device_and_dtype([params, grads, state_sums, state_steps])
     for (device, _dtype), ((g_params, g_grads, g_sums, g_steps), _) in groups.items():
         dev_scale = scale_on.on(device)
         dev_inf = inf_on.on(device)
-        if lr_on is not None and device not in lr_on:
-            lr_on[device] = lr.to(device=device, non_blocking=True)
-            lr = lr_on[device]
+        lr = lr_on.on(device)
 
         torch._foreach_add_(g_steps, 1)
         torch._fused_adagrad_(

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from optparity.functional._common import (
     PerDevice,
+    PerDeviceLr,
     check_capturable,
     check_state_steps,
     choose_paths,
@@ -331,9 +332,7 @@ def _fused_adam(
 
     scale_on = PerDevice(grad_scale, non_blocking=True)
     inf_on = PerDevice(found_inf, non_blocking=True)
-    lr_per_device: dict | None = (
-        {lr.device: lr} if isinstance(lr, Tensor) and str(lr.device) != "cpu" else None
-    )
+    lr_on = PerDeviceLr(lr)
 
     kernel = torch._fused_adamw_ if decoupled_weight_decay else torch._fused_adam_
     groups = group_by_device_and_dtype(
@@ -342,9 +341,7 @@ def _fused_adam(
     for (device, _), ((g_params, g_grads, g_m, g_v, g_vmax, g_steps), _) in groups.items():
         g_scale = scale_on.on(device)
         g_inf = inf_on.on(device)
-        if lr_per_device is not None and device not in lr_per_device:
-            lr_per_device[device] = lr.to(device=device, non_blocking=True)
-            lr = lr_per_device[device]
+        lr = lr_on.on(device)
 
         torch._foreach_add_(g_steps, 1)
         kernel(

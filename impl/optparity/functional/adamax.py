@@ -13,11 +13,9 @@ from torch import Tensor
 from optparity.functional._common import (
     as_python_number,
     check_capturable,
-    check_state_steps,
-    default_foreach,
     group_by_device_and_dtype,
     increment_steps,
-    refuse_scripting,
+    pick_kernel,
     to_scalar,
     view_complex_as_real,
 )
@@ -187,12 +185,9 @@ def adamax(
     weight_decay: float,
 ) -> None:
     """Functional Adamax step over lists of tensors (see optparity.optim.Adamax)."""
-    check_state_steps(state_steps)
-    if foreach is None:
-        foreach = default_foreach(params, differentiable)
-    refuse_scripting(foreach)
-
-    impl = _multi_tensor_adamax if foreach else _single_tensor_adamax
+    impl = pick_kernel(
+        _single_tensor_adamax, _multi_tensor_adamax, params, state_steps, foreach, differentiable
+    )
     impl(
         params,
         grads,

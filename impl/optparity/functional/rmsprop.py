@@ -10,11 +10,9 @@ from torch import Tensor
 
 from optparity.functional._common import (
     check_capturable,
-    check_state_steps,
-    default_foreach,
     group_by_device_and_dtype,
     increment_steps,
-    refuse_scripting,
+    pick_kernel,
     to_scalar,
     view_complex_as_real,
 )
@@ -192,12 +190,9 @@ def rmsprop(
     centered: bool,
 ) -> None:
     """Functional RMSprop step over lists of params, grads and state (see optparity.optim.RMSprop)."""
-    check_state_steps(state_steps)
-    if foreach is None:
-        foreach = default_foreach(params, differentiable)
-    refuse_scripting(foreach)
-
-    impl = _multi_tensor_rmsprop if foreach else _single_tensor_rmsprop
+    impl = pick_kernel(
+        _single_tensor_rmsprop, _multi_tensor_rmsprop, params, state_steps, foreach, differentiable
+    )
     impl(
         params,
         grads,

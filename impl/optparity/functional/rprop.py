@@ -11,11 +11,9 @@ from torch import Tensor
 
 from optparity.functional._common import (
     check_capturable,
-    check_state_steps,
-    default_foreach,
     group_by_device_and_dtype,
     increment_steps,
-    refuse_scripting,
+    pick_kernel,
     view_complex_as_real,
 )
 
@@ -164,12 +162,9 @@ def rprop(
     etaplus: float,
 ) -> None:
     """Functional Rprop step over lists of tensors (see optparity.optim.Rprop)."""
-    check_state_steps(state_steps)
-    if foreach is None:
-        foreach = default_foreach(params, differentiable)
-    refuse_scripting(foreach)
-
-    impl = _multi_tensor_rprop if foreach else _single_tensor_rprop
+    impl = pick_kernel(
+        _single_tensor_rprop, _multi_tensor_rprop, params, state_steps, foreach, differentiable
+    )
     impl(
         params,
         grads,

@@ -78,6 +78,15 @@ def check_fused_param(p: Tensor) -> None:
         )
 
 
+# The flags torch's __setstate__ fills in for Adadelta, Adamax, RMSprop and Rprop, in its order.
+FLAG_DEFAULTS: tuple[tuple[str, Any], ...] = (
+    ("foreach", None),
+    ("maximize", False),
+    ("differentiable", False),
+    ("capturable", False),
+)
+
+
 class TorchStyleOptimizer(Optimizer):
     """torch.optim.Optimizer plus the scaffolding torch.optim's classes each repeat.
 

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from optparity.functional.adadelta import adadelta
-from optparity.optim._base import TorchStyleOptimizer, check_lr, check_non_negative
+from optparity.optim._base import FLAG_DEFAULTS, TorchStyleOptimizer, check_lr, check_non_negative
 
 __all__ = ["Adadelta"]
 
@@ -16,12 +16,7 @@ class Adadelta(TorchStyleOptimizer):
     # the harness swaps this to run bare functional kernels / mutants through the class
     kernel = staticmethod(adadelta)
     _state_keys = ("square_avg", "acc_delta", "step")
-    _setstate_defaults = (
-        ("foreach", None),
-        ("maximize", False),
-        ("differentiable", False),
-        ("capturable", False),
-    )
+    _setstate_defaults = FLAG_DEFAULTS
     _sparse_grad_error = "Adadelta does not support sparse gradients"
 
     def __init__(

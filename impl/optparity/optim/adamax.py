@@ -5,7 +5,13 @@ import torch
 from torch import Tensor
 
 from optparity.functional.adamax import adamax
-from optparity.optim._base import TorchStyleOptimizer, check_betas, check_lr, check_non_negative
+from optparity.optim._base import (
+    FLAG_DEFAULTS,
+    TorchStyleOptimizer,
+    check_betas,
+    check_lr,
+    check_non_negative,
+)
 
 __all__ = ["Adamax"]
 
@@ -16,12 +22,7 @@ class Adamax(TorchStyleOptimizer):
     # The harness swaps this to drive bare kernels / mutants through the class.
     kernel = staticmethod(adamax)
     _state_keys = ("exp_avg", "exp_inf", "step")
-    _setstate_defaults = (
-        ("foreach", None),
-        ("maximize", False),
-        ("differentiable", False),
-        ("capturable", False),
-    )
+    _setstate_defaults = FLAG_DEFAULTS
     _sparse_grad_error = "Adamax does not support sparse gradients"
 
     def __init__(

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from optparity.functional.rmsprop import rmsprop
-from optparity.optim._base import TorchStyleOptimizer, check_lr, check_non_negative
+from optparity.optim._base import FLAG_DEFAULTS, TorchStyleOptimizer, check_lr, check_non_negative
 
 __all__ = ["RMSprop"]
 
@@ -16,14 +16,7 @@ class RMSprop(TorchStyleOptimizer):
     # the harness swaps this to run bare functional kernels / mutants through the class
     kernel = staticmethod(rmsprop)
     _state_keys = ("square_avg", "grad_avg", "momentum_buffer", "step")
-    _setstate_defaults = (
-        ("momentum", 0),
-        ("centered", False),
-        ("foreach", None),
-        ("maximize", False),
-        ("differentiable", False),
-        ("capturable", False),
-    )
+    _setstate_defaults = (("momentum", 0), ("centered", False), *FLAG_DEFAULTS)
     _sparse_grad_error = "RMSprop does not support sparse gradients"
 
     def __init__(

@@ -6,7 +6,7 @@ from torch import Tensor
 
 from optparity.functional._common import to_scalar
 from optparity.functional.rprop import rprop
-from optparity.optim._base import TorchStyleOptimizer, check_lr
+from optparity.optim._base import FLAG_DEFAULTS, TorchStyleOptimizer, check_lr
 
 __all__ = ["Rprop"]
 
@@ -17,12 +17,7 @@ class Rprop(TorchStyleOptimizer):
     # The harness swaps this to drive bare kernels / mutants through the class.
     kernel = staticmethod(rprop)
     _state_keys = ("prev", "step_size", "step")
-    _setstate_defaults = (
-        ("foreach", None),
-        ("maximize", False),
-        ("differentiable", False),
-        ("capturable", False),
-    )
+    _setstate_defaults = FLAG_DEFAULTS
     _sparse_grad_error = "Rprop does not support sparse gradients"
 
     def __init__(
