@@ -12,7 +12,6 @@ session skips instead of hanging.
 """
 from __future__ import annotations
 
-import os
 import socket
 import warnings
 
@@ -354,14 +353,14 @@ def _check_errors(problems, world_size):
     return info
 
 
-def _rpc_session(rank, world_size, port, master_addr):
+def _rpc_session(rank, world_size, init_method):
     global _rpc_sessions_in_this_process
     if _rpc_sessions_in_this_process:
         return {"skip": "this process already had an RPC session; torch's RRefContext cannot be reused"}
     _rpc_sessions_in_this_process += 1
     rpc.init_rpc(f"worker{rank}", rank=rank, world_size=world_size,
                  rpc_backend_options=TensorPipeRpcBackendOptions(
-                     init_method=f"tcp://{master_addr}:{port}", rpc_timeout=120))
+                     init_method=init_method, rpc_timeout=120))
     try:
         # the pool's default process group keeps working next to the RPC agent
         t = torch.tensor([float(rank + 1)])
@@ -384,26 +383,20 @@ def _rpc_session(rank, world_size, port, master_addr):
     return report
 
 
-def _agreed_port() -> tuple[int, str]:
+def _rpc_init_method() -> str:
     if under_torchrun():
-        addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
-        box = [None]
-        if dist.get_rank() == 0:
-            with socket.socket() as s:
-                s.bind(("", 0))
-                box = [s.getsockname()[1]]
-        dist.broadcast_object_list(box, src=0)
-        return box[0], addr
+        # torchrun's agent hosts the store at MASTER_ADDR:MASTER_PORT and every rank is a
+        # client of it (a fresh tcp:// port would have no server); RPC prefixes its keys
+        return "env://"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1], "127.0.0.1"
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
 @pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_distributed_optimizer_matches_local_and_upstream(ranks, world_size):
     pool = ranks(world_size)
-    port, addr = _agreed_port()
-    reports = pool.run(_rpc_session, port, addr, timeout=600)
+    reports = pool.run(_rpc_session, _rpc_init_method(), timeout=600)
     if "skip" in reports[0]:
         pytest.skip(reports[0]["skip"])
     assert [r["all_reduce"] for r in reports] == [world_size * (world_size + 1) / 2] * world_size
