@@ -10,30 +10,49 @@ optimizer-overlap comm hook read.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch.distributed.optim import apply_optimizer_in_backward as _torch_in_backward
 
 __all__ = ["apply_optimizer_in_backward", "get_in_backward_optimizers"]
 
-# torch's own tables, shared on purpose: DDP looks up param_to_optim_hook_handle_map to
-# remove these hooks when it takes over the in-backward step (it steps after its allreduce);
-# with a private table our hooks would stay and every parameter would step twice. Sharing
-# the AccumulateGrad table too means a parameter keeps a single node whichever of the two
-# implementations attached to it first. Both are weakly keyed by parameter.
-param_to_optim_hook_handle_map = _torch_in_backward.param_to_optim_hook_handle_map
-param_to_acc_grad_map = _torch_in_backward.param_to_acc_grad_map
+
+def _torch_tables():
+    """torch's own tables (param -> hook handles, param -> AccumulateGrad node).
+
+    Shared on purpose: DDP looks up torch's handle table to remove these hooks when it takes
+    over the in-backward step (it steps after its allreduce); with a private table our hooks
+    would stay and every parameter would step twice. Sharing the node table too means a
+    parameter keeps a single node whichever implementation attached to it first. Both are
+    weakly keyed by parameter.
+
+    Imported on first use: importing torch.distributed.optim scripts some of its functions,
+    which is slow and makes torch warn about its own TorchScript use.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torch.distributed.optim import apply_optimizer_in_backward as torch_module
+    return torch_module.param_to_optim_hook_handle_map, torch_module.param_to_acc_grad_map
 
 
-def _accumulate_grad_node(param: torch.Tensor):
+def __getattr__(name: str):
+    # the tables are also reachable under upstream's names, e.g. for DDP-style callers
+    if name == "param_to_optim_hook_handle_map":
+        return _torch_tables()[0]
+    if name == "param_to_acc_grad_map":
+        return _torch_tables()[1]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _accumulate_grad_node(param: torch.Tensor, acc_grad_map):
     """The AccumulateGrad node of `param`, found (and kept alive) once per parameter."""
-    if param not in param_to_acc_grad_map:
+    if param not in acc_grad_map:
         # A view's grad_fn leads straight back to the leaf's AccumulateGrad node. The node is
         # otherwise only weakly held by autograd; keeping it here keeps its hooks alive.
-        param_to_acc_grad_map[param] = param.view_as(param).grad_fn.next_functions[0][0]
-    return param_to_acc_grad_map[param]
+        acc_grad_map[param] = param.view_as(param).grad_fn.next_functions[0][0]
+    return acc_grad_map[param]
 
 
 def _step_and_release(param: torch.Tensor):
@@ -66,9 +85,10 @@ def apply_optimizer_in_backward(
     # Build everything first and attach afterwards: a parameter that cannot take a hook, or
     # an optimizer that refuses its arguments, fails (with upstream's error) before any
     # parameter has been changed. Per parameter the order is upstream's: node, then optimizer.
+    handle_map, acc_grad_map = _torch_tables()
     prepared = []
     for param in params:
-        node = _accumulate_grad_node(param)
+        node = _accumulate_grad_node(param, acc_grad_map)
         prepared.append((param, node, optimizer_class([param], **optimizer_kwargs)))
 
     for param, node, optimizer in prepared:
@@ -84,7 +104,7 @@ def apply_optimizer_in_backward(
         # one hook per attached optimizer, each stepping all of them, as upstream: a second
         # hook on the same parameter then finds grad None and its steps skip the parameter
         handle = node.register_hook(_step_and_release(param))
-        param_to_optim_hook_handle_map.setdefault(param, []).append(handle)
+        handle_map.setdefault(param, []).append(handle)
 
 
 def get_in_backward_optimizers(module: torch.nn.Module) -> list[torch.optim.Optimizer]:

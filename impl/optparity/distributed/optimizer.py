@@ -9,7 +9,9 @@ As upstream, optimizer classes with a functional form (see
 optparity.optim's) run as functional optimizers fed the context's gradients directly; any other
 torch.optim-style class runs as an ordinary optimizer through ``param.grad``. Upstream compiles
 the functional optimizers with TorchScript; here they stay plain Python, so the maths (and so
-every bit of the result) is the same while nothing is scripted.
+every bit of the result) is the same while nothing is scripted. (Upstream also drops to the
+plain path when TorchScript is disabled, e.g. PYTORCH_JIT=0; with nothing to script, the
+functional path is used regardless.)
 """
 from __future__ import annotations
 
@@ -51,10 +53,9 @@ class _TorchScriptPairingAdagrad(_functional.FunctionalAdagrad):
         return _functional.FunctionalAdagrad.kernel(params[: len(grads)], grads, *args, **kwargs)
 
     def step(self, gradients):
-        if not _TorchScriptPairingAdagrad._warned and any(
-            g is None and any(h is not None for h in gradients[i + 1:])
-            for i, g in enumerate(gradients)
-        ):
+        first_missing = next((i for i, g in enumerate(gradients) if g is None), None)
+        if (not _TorchScriptPairingAdagrad._warned and first_missing is not None
+                and any(g is not None for g in gradients[first_missing + 1:])):
             _TorchScriptPairingAdagrad._warned = True
             logger.warning(
                 "Adagrad: a parameter without gradient precedes parameters with one; like "
