@@ -24,12 +24,16 @@ def _csv(choices):
     return parse
 
 
-def _all_candidates() -> list[str]:
-    """Every optparity form of every algorithm: class, bare kernel, Functional* class."""
+def _all_candidates() -> list[tuple[str, str]]:
+    """(candidate, reference) for every optparity form of every algorithm. Functional* classes
+    reproduce torch.distributed.optim's functional optimizers, so those are their reference."""
+    from optparity.harness.upstream import upstream_functional
+
     out = []
     for algo in ALGORITHMS:
-        out += [f"optparity.optim:{algo}", f"optparity.functional:{algo.lower()}",
-                f"optparity.distributed:Functional{algo}"]
+        out += [(f"optparity.optim:{algo}", f"torch.optim:{algo}"),
+                (f"optparity.functional:{algo.lower()}", f"torch.optim:{algo}"),
+                (f"optparity.distributed:Functional{algo}", upstream_functional(algo))]
     return out
 
 
@@ -41,7 +45,9 @@ def _add_check(sub) -> None:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--candidate", metavar="MODULE:NAME",
                       help="optimizer class, functional class (step(gradients)) or functional kernel")
-    what.add_argument("--all", action="store_true", help="check every optparity optimizer, kernel and Functional* class")
+    what.add_argument("--all", action="store_true",
+                      help="check every optparity optimizer and kernel against torch.optim, and every "
+                           "Functional* class against torch.distributed.optim's")
     p.add_argument("--reference", metavar="MODULE:NAME", help="default: torch.optim's class of the same name")
     p.add_argument("--algorithm", choices=ALGORITHMS, help="when the candidate's name does not say")
     p.add_argument("--paths", type=_csv(matrix.PATHS), default=list(matrix.PATHS))
@@ -62,9 +68,10 @@ def _run_check(args) -> int:
 
     if args.steps < 1:
         raise SystemExit("optparity check: --steps must be at least 1")
-    candidates = _all_candidates() if args.all else [args.candidate]
+    candidates = _all_candidates() if args.all else [(args.candidate, args.reference)]
     ok = True
-    for spec in candidates:
+    totals = {"cases": 0, "differ": 0, "seconds": 0.0}
+    for spec, reference in candidates:
         done = [0]
 
         def progress(result, _spec=spec):
@@ -73,7 +80,7 @@ def _run_check(args) -> int:
                 print(f"\r{_spec}: {done[0]} cases", end="", file=sys.stderr, flush=True)
 
         try:
-            report = check(spec, args.reference, algorithm=args.algorithm, paths=args.paths,
+            report = check(spec, reference, algorithm=args.algorithm, paths=args.paths,
                            dtypes=[_DTYPES[d] for d in args.dtypes], param_sets=args.param_sets,
                            steps=args.steps, fail_fast=args.fail_fast, threads=args.threads,
                            progress=progress)
@@ -90,6 +97,12 @@ def _run_check(args) -> int:
         if args.junit:
             write_junit(report, _with_stem(args.junit, stem))
         ok &= report.ok
+        totals["cases"] += len(report.results)
+        totals["differ"] += len(report.failed)
+        totals["seconds"] += report.seconds
+    if len(candidates) > 1:
+        print(f"all: {len(candidates)} candidates, {totals['cases']} cases, {totals['differ']} differ, "
+              f"{totals['seconds']:.1f} s ({totals['cases'] / max(totals['seconds'], 1e-9):.0f} cases/s)")
     return 0 if ok else 1
 
 

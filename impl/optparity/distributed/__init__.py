@@ -29,10 +29,15 @@ _EXPORTS = {
     "PostLocalSGDState": "comm_hooks",
     "DistributedOptimizer": "optimizer",
     "NamedOptimizer": "named_optimizer",
-    "apply_optimizer_in_backward": "apply_optimizer_in_backward",
-    "get_in_backward_optimizers": "apply_optimizer_in_backward",
 }
-__all__ = sorted(_EXPORTS)
+# Imported eagerly: the function shares its module's name, and a lazy lookup would hand out the
+# module once anything imported it (torch's package does the same).
+from optparity.distributed.apply_optimizer_in_backward import (  # noqa: E402
+    apply_optimizer_in_backward,
+    get_in_backward_optimizers,
+)
+
+__all__ = sorted([*_EXPORTS, "apply_optimizer_in_backward", "get_in_backward_optimizers"])
 
 
 def __getattr__(name: str):
