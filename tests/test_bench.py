@@ -2,6 +2,7 @@
 
 Everything here runs on tiny inputs: these tests prove the tools work, they measure nothing.
 """
+import json
 import os
 import shutil
 import subprocess
@@ -102,21 +103,25 @@ def test_traffic_model_covers_every_algorithm():
 
 def test_bench_smoke_run_writes_the_report(tmp_path, capsys):
     code = main(["bench", "--algorithms", "SGD,Adam", "--impls", "optparity-foreach,torch-foreach,torch-fused",
-                 "--workloads", "1M", "--dtypes", "float32", "--quick", "--out", str(tmp_path),
+                 "--workloads", "1M", "--dtypes", "float32", "--quick", "--rounds", "2", "--out", str(tmp_path),
                  "--run-name", "smoke", "--no-progress"])
     assert code == 0, capsys.readouterr().err
     run = tmp_path / "smoke"
     samples = pd.read_csv(run / "samples.csv")
-    assert list(samples.columns) == [*SAMPLE_COLUMNS, "run"]
+    assert list(samples.columns) == [*SAMPLE_COLUMNS, "round", "run"]
+    assert set(samples["round"]) == {0, 1}
     assert set(samples["benchmark"]) == {f"{a}/{i}/1M/float32" for a in ("SGD", "Adam")
                                          for i in ("optparity-foreach", "torch-foreach", "torch-fused")
                                          } | {"copy_/torch/16M/float32"}
     assert (samples["seconds"] > 0).all() and (samples["threads"] == 1).all()
-    assert samples.groupby("benchmark").size().min() >= 1  # one row per measured sample
+    per_bench = samples.groupby("benchmark")["sample"]
+    assert (per_bench.nunique() == per_bench.size()).all()  # one row per measured sample, numbered across rounds
     memory = pd.read_csv(run / "memory.csv")
     assert set(MEMORY_COLUMNS) <= set(memory.columns)
     adam_state = memory[(memory["benchmark"] == "Adam/torch-fused/1M/float32") & (memory["metric"] == "state_bytes")]
     assert adam_state["bytes"].iloc[0] == 8 * (1 << 20) + 4  # exp_avg, exp_avg_sq, one float32 step
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["threads (torch.set_num_threads)"] == 1 and meta["allocator"] and meta["torch"] == torch.__version__
     md = (run / "summary.md").read_text()
     assert "Bytes moved per element per step" in md and "| Adam " in md and "28" in md
     html = (run / "index.html").read_text()

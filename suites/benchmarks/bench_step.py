@@ -10,7 +10,7 @@ import functools
 
 import torch
 
-from .common import THREADS, workloads as W
+from .common import ALLOCATOR, THREADS, workloads as W
 
 _PARAMS = [list(W.ALGORITHMS), list(W.IMPLS), list(W.WORKLOADS), list(W.DTYPES)]
 _NAMES = ["algorithm", "impl", "workload", "dtype"]
@@ -90,7 +90,8 @@ class CudaStep:
 
 
 class Threads:
-    """The thread count in effect after setup, so a result file shows what the steps ran with."""
+    """What the steps ran with, recorded in every result file: torch's thread count after setup,
+    and whether the allocator was made steady."""
 
     params = [THREADS]
     param_names = ["threads"]
@@ -102,3 +103,9 @@ class Threads:
         return torch.get_num_threads()
 
     track_num_threads.unit = "threads"
+
+    def track_steady_allocator(self, threads):
+        """1 when glibc malloc's thresholds were fixed for these results (common.ALLOCATOR), else 0."""
+        return int(ALLOCATOR.startswith("glibc"))
+
+    track_steady_allocator.unit = "bool"

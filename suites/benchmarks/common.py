@@ -45,3 +45,10 @@ def _threads() -> list[int]:
 # torch.set_num_threads for every CPU benchmark; an asv parameter, so it is recorded with each
 # result and runs with different thread counts never get compared with each other.
 THREADS = _threads()
+
+
+# Step temporaries are reused rather than page-faulted in again on every step, so a step's time
+# does not depend on what this process ran before (see workloads.steady_allocator; without it
+# the same step measures up to 2x apart). OPTPARITY_BENCH_SYSTEM_MALLOC=1 keeps glibc's defaults.
+ALLOCATOR = ("system default" if os.environ.get("OPTPARITY_BENCH_SYSTEM_MALLOC") == "1"
+             else workloads.steady_allocator())

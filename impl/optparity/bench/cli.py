@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from optparity.bench.workloads import ALGORITHMS, DTYPES, IMPLS, WORKLOADS
+from optparity.bench.workloads import ALGORITHMS, DTYPES, IMPLS, WORKLOADS, steady_allocator
 
 
 def add_parsers(sub) -> None:
@@ -39,11 +39,17 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--dtypes", type=_csv(DTYPES), default=list(DTYPES), metavar="LIST",
                    help=f"comma-separated, from {','.join(DTYPES)} (default: all)")
     p.add_argument("--quick", action="store_true", help="short measurement budget per case (a smoke run; noisy)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure every case this many times, alternating the order, and pool the samples "
+                        "(default 1; use 3 or more for numbers you publish)")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for every measurement (default 1)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--out", default="reports", help="parent directory of the run directory (default: reports)")
     p.add_argument("--run-name", help="default: <UTC timestamp>-<short git sha>")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="leave glibc malloc's thresholds alone (by default they are fixed so that step "
+                        "temporaries are reused, not page-faulted in again; see workloads.steady_allocator)")
     p.set_defaults(func=run_bench)
 
 
@@ -96,8 +102,8 @@ def run_bench(args) -> int:
     from optparity.bench.progress import progress
     from optparity.bench.report import META_JSON, MEMORY_CSV, SAMPLES_CSV, write_report
 
-    if args.threads < 1:
-        print("optparity bench: --threads must be at least 1", file=sys.stderr)
+    if args.threads < 1 or args.rounds < 1:
+        print("optparity bench: --threads and --rounds must be at least 1", file=sys.stderr)
         return 2
     if args.device == "cuda" and not torch.cuda.is_available():
         print("optparity bench: --device cuda, but this machine has no usable CUDA device", file=sys.stderr)
@@ -117,9 +123,10 @@ def run_bench(args) -> int:
         return 2
     run_dir.mkdir(parents=True, exist_ok=True)
     budget = measure.QUICK if args.quick else measure.FULL
-    with progress(len(cases), "optparity bench", enabled=not args.no_progress) as advance:
+    allocator = "system default (--system-malloc)" if args.system_malloc else steady_allocator()
+    with progress(len(cases) * args.rounds, "optparity bench", enabled=not args.no_progress) as advance:
         timing, memory = measure.run(cases, threads=args.threads, budget=budget, device=args.device,
-                                     advance=advance)
+                                     rounds=args.rounds, advance=advance)
     samples = pd.DataFrame(timing).assign(run=name)
     mem = pd.DataFrame(memory).assign(run=name)
     samples.to_csv(run_dir / SAMPLES_CSV, index=False)
@@ -127,7 +134,8 @@ def run_bench(args) -> int:
     meta = {"run": name, "date (UTC)": now.isoformat(timespec="seconds"), "git sha": sha,
             "torch": torch.__version__, "python": platform.python_version(), "cpu": _cpu_model(),
             "device": args.device, "threads (torch.set_num_threads)": args.threads,
-            "budget": f"{'quick' if args.quick else 'full'}: {budget}",
+            "budget": f"{'quick' if args.quick else 'full'}: {budget}", "rounds": args.rounds,
+            "allocator": allocator,
             "command": " ".join(["optparity"] + sys.argv[1:])}
     (run_dir / META_JSON).write_text(json.dumps(meta, indent=2) + "\n")
     files = write_report(run_dir, samples, mem, meta)

@@ -136,23 +136,30 @@ def measure_copy(*, threads: int, budget: Budget, device: str = "cpu") -> list[d
     return rows
 
 
-def run(cases: list[Case], *, threads: int, budget: Budget, device: str = "cpu",
+def run(cases: list[Case], *, threads: int, budget: Budget, device: str = "cpu", rounds: int = 1,
         advance: Callable[[str], None] = lambda label: None) -> tuple[list[dict], list[dict]]:
-    """Measure the copy roofline, every case, then the copy again (so drift shows in its spread)."""
+    """The copy roofline, every case `rounds` times, then the copy again, so that drift of the
+    machine shows up in the spread. Odd rounds go through the cases in reverse order: neither
+    library of a pair always runs first. Memory is recorded in the first round (it is exact)."""
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch.cuda.is_available() is False on this machine")
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)  # warm-up steps run outside the Timer: same thread count
     try:
-        first_copy = measure_copy(threads=threads, budget=budget, device=device)
-        timing, memory = list(first_copy), []
-        for case in cases:
-            t, mem = measure_case(case, threads=threads, budget=budget, device=device)
-            timing += t
-            memory += mem
-            advance(case.benchmark)
-        timing += [{**r, "sample": r["sample"] + len(first_copy)}
-                   for r in measure_copy(threads=threads, budget=budget, device=device)]
+        timing = [{**r, "round": 0} for r in measure_copy(threads=threads, budget=budget, device=device)]
+        memory: list[dict] = []
+        for rnd in range(rounds):
+            for case in (cases if rnd % 2 == 0 else cases[::-1]):
+                t, mem = measure_case(case, threads=threads, budget=budget, device=device)
+                timing += [{**r, "round": rnd} for r in t]
+                memory += mem if rnd == 0 else []
+                advance(case.benchmark)
+        timing += [{**r, "round": rounds - 1} for r in measure_copy(threads=threads, budget=budget, device=device)]
     finally:
         torch.set_num_threads(previous)
+    counter: dict[str, int] = {}
+    for row in timing:  # `sample` numbers a benchmark's samples across rounds
+        row["sample"] = counter[row["benchmark"]] = counter.get(row["benchmark"], -1) + 1
     return timing, memory

@@ -367,6 +367,8 @@ def load_run(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame | None, dict]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ReportError(f"{run_dir}: not a bench run directory")
+    if not (run_dir / SAMPLES_CSV).is_file():
+        raise ReportError(f"{run_dir}: no {SAMPLES_CSV} in this directory (not a bench run, or it was interrupted)")
     samples = load_samples(run_dir / SAMPLES_CSV)
     memory = load_memory(run_dir / MEMORY_CSV) if (run_dir / MEMORY_CSV).exists() else None
     meta = {}

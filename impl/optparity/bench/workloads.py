@@ -6,7 +6,9 @@ keep its imports to torch and the standard library (optparity.optim is imported 
 """
 from __future__ import annotations
 
+import ctypes
 import importlib
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -146,3 +148,29 @@ def prepared(algorithm: str, impl: str, workload: str, dtype: str, device: str =
             raise Unsupported(f"torch has no fused {algorithm} on {device}: {e}") from None
         raise
     return opt
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
+
+
+def steady_allocator() -> str:
+    """Make glibc malloc keep freed memory instead of handing it back to the kernel.
+
+    By default glibc mmaps large blocks and trims its heap on free, with thresholds that move with
+    the process's history. A step's temporaries (foreach paths allocate one per parameter) are
+    then either reused or page-faulted in afresh every step, depending on what ran before in the
+    same process: the same step measured 5 ms or 9 ms (Rprop foreach, 1M) and 8.6 or 17.6 ms
+    (Adamax foreach, transformer), for optparity and torch alike. Fixed thresholds make every
+    measurement take the reuse path. Returns what was done, for the run's metadata."""
+    if not sys.platform.startswith("linux"):
+        return "system default (not glibc)"
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018 - only glibc has it
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return "system default (not glibc)"
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    if mallopt(_M_MMAP_THRESHOLD, 1 << 30) and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1):
+        return "glibc with mallopt M_MMAP_THRESHOLD=1 GiB, M_TRIM_THRESHOLD=2 GiB (freed memory is reused)"
+    return "system default (mallopt refused the thresholds)"
