@@ -1,7 +1,6 @@
 """`optparity bench` and `optparity report`, registered by optparity.cli.build_parser."""
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import platform

@@ -176,6 +176,8 @@ def plot_latency(summary: pd.DataFrame, out_dir: Path) -> list[Path]:
             ax.set_yscale("log")
             ax.set_xticks(wl["numel"], [f"{w}\n{n / 1e6:.1f}M" for w, n in zip(wl["workload"], wl["numel"])], fontsize=7)
             ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+            for fmt in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+                fmt(matplotlib.ticker.FormatStrFormatter("%g"))  # 20, 30 rather than 2x10^1
             ax.set_title(algo)
             ax.set_ylabel("ms per step")
         for ax in list(axes.flat)[len(algos):]:
