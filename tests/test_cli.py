@@ -84,3 +84,15 @@ def test_selftest_catches_named_mutants():
     out = run("selftest", "--mutant", "adam_eps_inside_sqrt", "--mutant", "rprop_zero_counts_as_positive")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "2/2 mutants caught" in out.stdout
+
+
+def test_all_writes_one_json_and_one_junit(tmp_path):
+    out = run("check", "--all", "--paths", "forloop", "--dtypes", "float64", "--param-sets", "groups", "-q",
+              "--json", "all.json", "--junit", "all.xml", tmp_path=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "all: 24 candidates" in out.stdout and "0 differ" in out.stdout
+    doc = json.loads((tmp_path / "all.json").read_text())
+    assert doc["ok"] is True and len(doc["reports"]) == 24
+    assert doc["cases"] == sum(r["cases"] for r in doc["reports"]) > 0
+    suites = ET.parse(tmp_path / "all.xml").getroot().findall("testsuite")
+    assert len(suites) == 24 and sum(int(s.get("tests")) for s in suites) == doc["cases"]

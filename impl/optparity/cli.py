@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
@@ -71,6 +70,7 @@ def _run_check(args) -> int:
     candidates = _all_candidates() if args.all else [(args.candidate, args.reference)]
     ok = True
     totals = {"cases": 0, "differ": 0, "seconds": 0.0}
+    reports = []
     for spec, reference in candidates:
         done = [0]
 
@@ -91,24 +91,19 @@ def _run_check(args) -> int:
             print(file=sys.stderr)
         print(format_text(report))
         print()
-        stem = "" if len(candidates) == 1 else "." + spec.replace(":", ".")
-        if args.json:
-            write_json(report, _with_stem(args.json, stem))
-        if args.junit:
-            write_junit(report, _with_stem(args.junit, stem))
+        reports.append(report)
         ok &= report.ok
         totals["cases"] += len(report.results)
         totals["differ"] += len(report.failed)
         totals["seconds"] += report.seconds
+    if args.json:
+        write_json(reports[0] if len(reports) == 1 else reports, args.json)
+    if args.junit:
+        write_junit(reports[0] if len(reports) == 1 else reports, args.junit)
     if len(candidates) > 1:
         print(f"all: {len(candidates)} candidates, {totals['cases']} cases, {totals['differ']} differ, "
               f"{totals['seconds']:.1f} s ({totals['cases'] / max(totals['seconds'], 1e-9):.0f} cases/s)")
     return 0 if ok else 1
-
-
-def _with_stem(path: str, stem: str) -> Path:
-    p = Path(path)
-    return p.with_name(p.stem + stem + p.suffix) if stem else p
 
 
 def _add_selftest(sub) -> None:

@@ -64,28 +64,42 @@ def format_text(report: CheckReport) -> str:
     return "\n".join(lines)
 
 
-def write_json(report: CheckReport, path: str | Path) -> None:
-    doc = {
+def _report_doc(report: CheckReport) -> dict:
+    return {
         "candidate": report.candidate, "reference": report.reference, "ok": report.ok,
         "cases": len(report.results), "failed": len(report.failed), "worst_ulp": report.worst_ulp,
         "seconds": report.seconds, "results": [_row(r) for r in report.results],
     }
+
+
+def write_json(reports: CheckReport | list[CheckReport], path: str | Path) -> None:
+    """One report as is; several (check --all) under "reports" with overall totals."""
+    if isinstance(reports, CheckReport):
+        doc = _report_doc(reports)
+    else:
+        doc = {"ok": all(r.ok for r in reports), "cases": sum(len(r.results) for r in reports),
+               "failed": sum(len(r.failed) for r in reports), "reports": [_report_doc(r) for r in reports]}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(doc, indent=1, default=str))
 
 
-def write_junit(report: CheckReport, path: str | Path) -> None:
+def _junit_suite(report: CheckReport) -> ET.Element:
     suite = ET.Element("testsuite", name=f"optparity check {report.candidate}", tests=str(len(report.results)),
                        failures=str(len(report.failed)),
                        skipped=str(sum(r.status == "skip" for r in report.results)), time=f"{report.seconds:.3f}")
     for r in report.results:
-        tc = ET.SubElement(suite, "testcase", classname=f"optparity.{r.case.algorithm}", name=r.case.id,
-                           time=f"{r.seconds:.6f}")
+        tc = ET.SubElement(suite, "testcase", classname=f"optparity.{r.case.algorithm}",
+                           name=f"{report.candidate} {r.case.id}", time=f"{r.seconds:.6f}")
         if r.status == "fail":
             ET.SubElement(tc, "failure", message=r.message).text = json.dumps(_row(r)["first_divergence"], default=str)
         elif r.status == "skip":
             ET.SubElement(tc, "skipped", message=r.message)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return suite
+
+
+def write_junit(reports: CheckReport | list[CheckReport], path: str | Path) -> None:
     root = ET.Element("testsuites")
-    root.append(suite)
+    for report in [reports] if isinstance(reports, CheckReport) else reports:
+        root.append(_junit_suite(report))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
