@@ -78,6 +78,7 @@ class OptimizerDriver:
     """A torch.optim-style optimizer over one ParamSet."""
 
     supports_state_dict = True
+    supports_param_groups = True
 
     def __init__(self, cls: type, pset: ParamSet, hyper: dict):
         self.cls, self.pset, self.hyper = cls, pset, hyper
@@ -85,14 +86,35 @@ class OptimizerDriver:
 
     def _build(self):
         groups = [{"params": _params_for(self.pset, idx), **copy.deepcopy(over)} for idx, over in self.pset.groups]
+        if self.pset.add_later:
+            opt = self.cls([groups[0]], **copy.deepcopy(self.hyper))
+            for group in groups[1:]:
+                opt.add_param_group(group)
+            return opt
         if len(groups) == 1 and not self.pset.groups[0][1]:
             groups = groups[0]["params"]  # plain list, the most common way to call
         return self.cls(groups, **copy.deepcopy(self.hyper))
 
-    def step(self, grads: list[Tensor | None]) -> None:
-        for p, g in zip(self.pset.params, grads):
-            p.grad = g
-        self.opt.step()
+    def step(self, grads: list[Tensor | None], step: int):
+        """Even steps go through a closure (torch's step(closure) contract); its loss is returned."""
+        def set_grads():
+            for p, g in zip(self.pset.params, grads):
+                p.grad = g
+
+        if step % 2:
+            set_grads()
+            return self.opt.step()
+        loss = torch.tensor(float(step))
+
+        def closure():
+            set_grads()
+            return loss
+
+        return self.opt.step(closure)
+
+    def scale_lr(self, factor: float) -> None:
+        for group in self.opt.param_groups:
+            group["lr"] = group["lr"] * factor
 
     def state(self) -> dict[int, dict]:
         return {i: self.opt.state[p] for i, p in enumerate(self.pset.params) if p in self.opt.state}
@@ -111,6 +133,7 @@ class FunctionalClassDriver:
     """A torch.distributed.optim-style functional class: one instance per parameter group."""
 
     supports_state_dict = False
+    supports_param_groups = False
 
     def __init__(self, cls: type, pset: ParamSet, hyper: dict):
         accepted = inspect.signature(cls.__init__).parameters
@@ -125,7 +148,7 @@ class FunctionalClassDriver:
                 self.instances.append((idx, cls(_params_for(pset, idx), **kwargs)))
         self.pset = pset
 
-    def step(self, grads: list[Tensor | None]) -> None:
+    def step(self, grads: list[Tensor | None], step: int) -> None:
         for idx, inst in self.instances:
             inst.step([grads[i] for i in idx])
 

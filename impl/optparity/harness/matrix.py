@@ -15,14 +15,19 @@ import torch
 
 from optparity.harness.algorithms import ALGORITHMS, FUSED_ON_CPU
 
-PATHS = ("forloop", "foreach", "fused")
-PARAM_SETS = ("mixed", "groups", "complex")
+# "default" passes neither foreach nor fused: the optimizer's own choice must match torch's.
+PATHS = ("forloop", "foreach", "fused", "default")
+# "added_group" is "groups" with the second group given to add_param_group after construction.
+PARAM_SETS = ("mixed", "groups", "added_group", "complex")
 DTYPES = (torch.float32, torch.float64)
 STEPS = 12
 # A fresh optimizer is rebuilt from its own state_dict after RELOAD_OWN steps, and the candidate
 # and reference swap state dicts after CROSS_LOAD steps.
 RELOAD_OWN = 4
 CROSS_LOAD = 8
+# After LR_CHANGE steps every group's lr is halved, as a scheduler would: hyperparameters must be
+# read from the param groups at every step, not cached.
+LR_CHANGE = 6
 
 
 def _t(x: float) -> torch.Tensor:
@@ -120,7 +125,8 @@ class Case:
                 f"c{self.config_index}[{format_config(self.config)}]")
 
     def path_kwargs(self) -> dict:
-        return {"forloop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[self.path]
+        return {"forloop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True},
+                "default": {}}[self.path]
 
 
 def build_cases(algorithms=ALGORITHMS, paths=PATHS, dtypes=DTYPES, param_sets=PARAM_SETS,

@@ -17,6 +17,7 @@ class ParamSet:
     leaves: list[Tensor]  # autograd leaves behind them (differentiable cases); else == params
     names: list[str]
     groups: list[tuple[list[int], dict]]  # (param indices, hyperparameter overrides)
+    add_later: bool = False  # groups after the first go to add_param_group, not the constructor
 
 
 def _randn(gen: torch.Generator, shape, dtype: torch.dtype) -> Tensor:
@@ -56,11 +57,11 @@ def make_params(param_set: str, dtype: torch.dtype, seed: int, second_group: dic
             t.requires_grad_(trainable)
             leaves.append(t)
             params.append(t)
-    if param_set == "groups":
+    if param_set in ("groups", "added_group"):
         groups = [([0, 1, 2], {}), ([3, 4, 5], dict(second_group))]
     else:
         groups = [(list(range(len(params))), {})]
-    return ParamSet(params, leaves, names, groups)
+    return ParamSet(params, leaves, names, groups, add_later=param_set == "added_group")
 
 
 def make_grads(pset: ParamSet, seed: int, step: int) -> list[Tensor | None]:

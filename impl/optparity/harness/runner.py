@@ -12,7 +12,7 @@ from torch import Tensor
 from optparity.harness import algorithms
 from optparity.harness.bitwise import Difference, compare
 from optparity.harness.candidates import NotApplicable, algorithm_of, kind_of, load_object, make_driver
-from optparity.harness.matrix import CROSS_LOAD, RELOAD_OWN, Case
+from optparity.harness.matrix import CROSS_LOAD, LR_CHANGE, RELOAD_OWN, Case
 from optparity.harness.params import make_grads, make_params
 
 
@@ -134,6 +134,10 @@ def _compare_param_groups(tracker: _Tracker, step: int, sd_c: dict, sd_r: dict) 
                     tracker.record(step, "state_dict", f"group{g}", key, diff)
 
 
+def _clone(grads: list[Tensor | None]) -> list[Tensor | None]:
+    return [None if g is None else g.clone() for g in grads]
+
+
 def _error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
@@ -196,20 +200,27 @@ def _run(case: Case, candidate: Subject, reference: Subject, result: CaseResult)
     while not stop and step < case.steps:
         step += 1
         grads = make_grads(pset_r, case.seed, step)
-        _, e_ref = _attempt(lambda: ref.step(grads))
-        _, e_cand = _attempt(lambda: cand.step([None if g is None else g.clone() for g in grads]))
+        loss_r, e_ref = _attempt(lambda: ref.step(grads, step))
+        loss_c, e_cand = _attempt(lambda: cand.step(_clone(grads), step))
         if _same_error(tracker, step, e_cand, e_ref):
             break
+        if _compare_value(loss_c, loss_r) is not None:
+            tracker.record(step, "error", None, None, None,
+                           f"step(closure) returned {loss_c!r}, the reference returned {loss_r!r}")
         _compare_drivers(tracker, step, cand, ref, names)
         if differentiable and step == 1:
             _compare_backward(tracker, step, pset_c, pset_r)
-        if forloop is not None and _attempt(lambda: forloop.step([None if g is None else g.clone() for g in grads]))[1] is None:
+        if forloop is not None and _attempt(lambda: forloop.step(_clone(grads), step))[1] is None:
             for pc, pf in zip(cand.pset.params, forloop.pset.params):
                 d = compare(pc, pf)
                 if d is not None and d.max_ulp is not None:
                     result.fused_vs_forloop_ulp = max(result.fused_vs_forloop_ulp, d.max_ulp)
         if reloadable and step in (RELOAD_OWN, CROSS_LOAD):
             _reload(tracker, step, cand, ref, cross=(step == CROSS_LOAD))
+        if step == LR_CHANGE and all(getattr(d, "supports_param_groups", False) for d in (cand, ref, forloop) if d):
+            for driver in (cand, ref, forloop):
+                if driver is not None:
+                    driver.scale_lr(0.5)
     result.steps_run = step
     result.worst_ulp = tracker.worst_ulp
     if tracker.first is not None:
