@@ -78,7 +78,7 @@ class OptimizerDriver:
     """A torch.optim-style optimizer over one ParamSet."""
 
     supports_state_dict = True
-    supports_param_groups = True
+    supports_param_groups = True  # lr can be changed between steps; step(closure) returns the loss
 
     def __init__(self, cls: type, pset: ParamSet, hyper: dict):
         self.cls, self.pset, self.hyper = cls, pset, hyper

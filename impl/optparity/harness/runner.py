@@ -204,7 +204,8 @@ def _run(case: Case, candidate: Subject, reference: Subject, result: CaseResult)
         loss_c, e_cand = _attempt(lambda: cand.step(_clone(grads), step))
         if _same_error(tracker, step, e_cand, e_ref):
             break
-        if _compare_value(loss_c, loss_r) is not None:
+        closures = all(getattr(d, "supports_param_groups", False) for d in (cand, ref))
+        if closures and _compare_value(loss_c, loss_r) is not None:
             tracker.record(step, "error", None, None, None,
                            f"step(closure) returned {loss_c!r}, the reference returned {loss_r!r}")
         _compare_drivers(tracker, step, cand, ref, names)
