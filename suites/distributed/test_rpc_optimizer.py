@@ -358,9 +358,14 @@ def _rpc_session(rank, world_size, init_method):
     if _rpc_sessions_in_this_process:
         return {"skip": "this process already had an RPC session; torch's RRefContext cannot be reused"}
     _rpc_sessions_in_this_process += 1
+    # TCP transport only: TensorPipe's default shared-memory transport runs a reactor thread per
+    # process that busy-polls (TP_SHM_reactor, ~100% of a core each, mostly sched_yield). With
+    # more ranks than cores (3 ranks on 2 cores under torchrun) the spinning reactors starve the
+    # ranks' own threads and every RPC round trip waits for a time slice: the session took
+    # 17-65 s instead of ~3 s. The data path is irrelevant to what is checked here.
     rpc.init_rpc(f"worker{rank}", rank=rank, world_size=world_size,
                  rpc_backend_options=TensorPipeRpcBackendOptions(
-                     init_method=init_method, rpc_timeout=120))
+                     init_method=init_method, rpc_timeout=120, _transports=["uv"]))
     try:
         # the pool's default process group keeps working next to the RPC agent
         t = torch.tensor([float(rank + 1)])
