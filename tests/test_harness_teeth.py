@@ -66,3 +66,17 @@ def test_broken_add_param_group_is_caught():
     report = check(AddedGroupIgnoresDefaults, "torch.optim:RMSprop", paths=["forloop"], fail_fast=True)
     first = report.first_failure
     assert first is not None and first.case.param_set == "added_group"
+
+
+class DropsLastGroupInStateDict(optparity.optim.SGD):
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["param_groups"] = sd["param_groups"][:1]
+        return sd
+
+
+def test_state_dict_group_count_is_compared():
+    report = check(DropsLastGroupInStateDict, "torch.optim:SGD", paths=["forloop"], dtypes=[torch.float64],
+                   param_sets=["groups"], fail_fast=True)
+    first = report.first_failure
+    assert first is not None and "1 param groups in the candidate's state_dict, 2 in the reference's" in first.message

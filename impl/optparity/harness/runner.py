@@ -3,7 +3,7 @@ after every step (parameters, every state tensor, state-dict hyperparameters).""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -69,7 +69,6 @@ class CaseResult:
     fused_vs_forloop_ulp: int | None = None  # measured, informational
     message: str = ""
     seconds: float = 0.0
-    notes: list[str] = field(default_factory=list)
 
 
 class _Tracker:
@@ -123,6 +122,10 @@ def _compare_drivers(tracker: _Tracker, step: int, cand, ref, names: list[str]) 
 
 
 def _compare_param_groups(tracker: _Tracker, step: int, sd_c: dict, sd_r: dict) -> None:
+    n_c, n_r = len(sd_c["param_groups"]), len(sd_r["param_groups"])
+    if n_c != n_r:
+        tracker.record(step, "state_dict", None, "param_groups", None,
+                       f"{n_c} param groups in the candidate's state_dict, {n_r} in the reference's")
     for g, (gc, gr) in enumerate(zip(sd_c["param_groups"], sd_r["param_groups"])):
         for key in sorted(set(gc) | set(gr)):
             if key not in gc or key not in gr:
@@ -196,6 +199,9 @@ def _run(case: Case, candidate: Subject, reference: Subject, result: CaseResult)
     differentiable = bool(case.config.get("differentiable"))
     reloadable = (not differentiable and getattr(cand, "supports_state_dict", False)
                   and getattr(ref, "supports_state_dict", False))
+    # lr changes and closure losses only make sense between torch.optim-style optimizers.
+    drivers = [d for d in (cand, ref, forloop) if d is not None]
+    param_groups = all(getattr(d, "supports_param_groups", False) for d in drivers)
     step = 0
     while not stop and step < case.steps:
         step += 1
@@ -204,8 +210,7 @@ def _run(case: Case, candidate: Subject, reference: Subject, result: CaseResult)
         loss_c, e_cand = _attempt(lambda: cand.step(_clone(grads), step))
         if _same_error(tracker, step, e_cand, e_ref):
             break
-        closures = all(getattr(d, "supports_param_groups", False) for d in (cand, ref))
-        if closures and _compare_value(loss_c, loss_r) is not None:
+        if param_groups and _compare_value(loss_c, loss_r) is not None:
             tracker.record(step, "error", None, None, None,
                            f"step(closure) returned {loss_c!r}, the reference returned {loss_r!r}")
         _compare_drivers(tracker, step, cand, ref, names)
@@ -218,10 +223,9 @@ def _run(case: Case, candidate: Subject, reference: Subject, result: CaseResult)
                     result.fused_vs_forloop_ulp = max(result.fused_vs_forloop_ulp, d.max_ulp)
         if reloadable and step in (RELOAD_OWN, CROSS_LOAD):
             _reload(tracker, step, cand, ref, cross=(step == CROSS_LOAD))
-        if step == LR_CHANGE and all(getattr(d, "supports_param_groups", False) for d in (cand, ref, forloop) if d):
-            for driver in (cand, ref, forloop):
-                if driver is not None:
-                    driver.scale_lr(0.5)
+        if step == LR_CHANGE and param_groups:
+            for driver in drivers:
+                driver.scale_lr(0.5)
     result.steps_run = step
     result.worst_ulp = tracker.worst_ulp
     if tracker.first is not None:
