@@ -68,8 +68,6 @@ def _run_check(args) -> int:
     if args.steps < 1:
         raise SystemExit("optparity check: --steps must be at least 1")
     candidates = _all_candidates() if args.all else [(args.candidate, args.reference)]
-    ok = True
-    totals = {"cases": 0, "differ": 0, "seconds": 0.0}
     reports = []
     for spec, reference in candidates:
         done = [0]
@@ -92,18 +90,16 @@ def _run_check(args) -> int:
         print(format_text(report))
         print()
         reports.append(report)
-        ok &= report.ok
-        totals["cases"] += len(report.results)
-        totals["differ"] += len(report.failed)
-        totals["seconds"] += report.seconds
     if args.json:
         write_json(reports[0] if len(reports) == 1 else reports, args.json)
     if args.junit:
         write_junit(reports[0] if len(reports) == 1 else reports, args.junit)
-    if len(candidates) > 1:
-        print(f"all: {len(candidates)} candidates, {totals['cases']} cases, {totals['differ']} differ, "
-              f"{totals['seconds']:.1f} s ({totals['cases'] / max(totals['seconds'], 1e-9):.0f} cases/s)")
-    return 0 if ok else 1
+    if len(reports) > 1:
+        cases = sum(len(r.results) for r in reports)
+        seconds = sum(r.seconds for r in reports)
+        print(f"all: {len(reports)} candidates, {cases} cases, {sum(len(r.failed) for r in reports)} differ, "
+              f"{seconds:.1f} s ({cases / max(seconds, 1e-9):.0f} cases/s)")
+    return 0 if all(r.ok for r in reports) else 1
 
 
 def _add_selftest(sub) -> None:
