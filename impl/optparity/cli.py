@@ -27,12 +27,14 @@ def _all_candidates() -> list[tuple[str, str]]:
     """(candidate, reference) for every optparity form of every algorithm. Functional* classes
     reproduce torch.distributed.optim's functional optimizers, so those are their reference."""
     from optparity.harness.upstream import upstream_functional
+    from optparity.harness.algorithms import SPECS
 
     out = []
-    for algo in ALGORITHMS:
+    for algo, spec in SPECS.items():
         out += [(f"optparity.optim:{algo}", f"torch.optim:{algo}"),
-                (f"optparity.functional:{algo.lower()}", f"torch.optim:{algo}"),
-                (f"optparity.distributed:Functional{algo}", upstream_functional(algo))]
+                (f"optparity.functional:{algo.lower()}", f"torch.optim:{algo}")]
+        if spec.functional_upstream:
+            out.append((f"optparity.distributed:Functional{algo}", upstream_functional(algo)))
     return out
 
 

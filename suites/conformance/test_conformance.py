@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from optparity.harness import check
-from optparity.harness.algorithms import ALGORITHMS, FUSED_ON_CPU
+from optparity.harness.algorithms import ALGORITHMS, FUSED_ON_CPU, SPECS
 from optparity.harness.matrix import PATHS
 from optparity.harness.upstream import upstream_functional
 
@@ -20,6 +20,8 @@ FORMS = {
 def _params():
     for algo in ALGORITHMS:
         for form in FORMS:
+            if form == "functional_class" and not SPECS[algo].functional_upstream:
+                continue
             for path in PATHS:
                 if path == "fused" and algo not in FUSED_ON_CPU:
                     continue

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from optparity.harness.algorithms import ALGORITHMS
+from optparity.harness.upstream import ALGORITHMS
 from optparity.harness.upstream import RECORD, divergences
 
 RECORDED = json.loads(RECORD.read_text())

@@ -10,18 +10,16 @@ from __future__ import annotations
 import torch
 from torch.utils.benchmark import Timer
 
+def _traffic() -> dict[str, dict[str, str]]:
+    from optparity.harness.algorithms import SPECS
+
+    return {name: s.traffic for name, s in SPECS.items() if s.bench}
+
+
 # Tensors each algorithm touches per element and step with its default hyperparameters
 # (no weight decay, momentum, centering or amsgrad): r = read, rw = read and written.
-TRAFFIC = {
-    "Adadelta": {"param": "rw", "grad": "r", "square_avg": "rw", "acc_delta": "rw"},
-    "Adagrad": {"param": "rw", "grad": "r", "sum": "rw"},
-    "Adam": {"param": "rw", "grad": "r", "exp_avg": "rw", "exp_avg_sq": "rw"},
-    "AdamW": {"param": "rw", "grad": "r", "exp_avg": "rw", "exp_avg_sq": "rw"},
-    "Adamax": {"param": "rw", "grad": "r", "exp_avg": "rw", "exp_inf": "rw"},
-    "RMSprop": {"param": "rw", "grad": "r", "square_avg": "rw"},
-    "Rprop": {"param": "rw", "grad": "r", "prev": "rw", "step_size": "rw"},
-    "SGD": {"param": "rw", "grad": "r"},
-}
+# Each algorithm's description (harness/algorithms/<algo>.py) gives its own.
+TRAFFIC = _traffic()
 
 COPY_ELEMENTS = 1 << 24  # 64 MiB per fp32 tensor: far beyond the last-level cache
 

@@ -13,9 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
-ALGORITHMS = ("Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "RMSprop", "Rprop", "SGD")
-# torch ships a fused CPU kernel for these only.
-FUSED_ON_CPU = frozenset({"Adam", "AdamW", "SGD", "Adagrad"})
+try:  # the algorithm descriptions (harness/algorithms/<algo>.py) say which are benchmarked
+    from optparity.harness.algorithms import SPECS as _SPECS
+
+    ALGORITHMS = tuple(name for name, s in _SPECS.items() if s.bench)
+    FUSED_ON_CPU = frozenset(name for name in ALGORITHMS if _SPECS[name].fused_on_cpu)
+except ImportError:  # an old commit under asv, before the descriptions existed
+    ALGORITHMS = ("Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "RMSprop", "Rprop", "SGD")
+    FUSED_ON_CPU = frozenset({"Adam", "AdamW", "SGD", "Adagrad"})
 
 # <library>-<path>: the path names match the conformance matrix (forloop = foreach=False).
 IMPLS = ("optparity-forloop", "optparity-foreach", "torch-forloop", "torch-foreach", "torch-fused")
