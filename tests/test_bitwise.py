@@ -79,3 +79,78 @@ def test_non_contiguous_views_compare_by_value():
 def test_integer_tensors():
     assert same_bits(torch.arange(4), torch.arange(4))
     assert compare(torch.arange(4), torch.arange(4).flip(0)).mismatched == 4
+
+
+# The overflow cases issue 7 lists: every distance exact, as a Python int.
+@pytest.mark.parametrize("a,b,dtype,expected", [
+    (3.0, -3.0, torch.float64, 9227875636482146305),
+    (1e300, -1e300, torch.float64, 2 * 0x7E37E43C8800759C + 1),
+    (-1e300, 1e300, torch.float64, 2 * 0x7E37E43C8800759C + 1),
+    (65504.0, -65504.0, torch.float16, 2 * 0x7BFF + 1),
+    (3.0, -3.0, torch.bfloat16, 2 * 0x4040 + 1),
+    (3.0, -3.0, torch.float32, 2 * 0x40400000 + 1),
+])
+def test_ulp_distance_does_not_overflow(a, b, dtype, expected):
+    x, y = torch.tensor([a], dtype=dtype), torch.tensor([b], dtype=dtype)
+    diff = compare(x, y)
+    assert diff.ulp == diff.max_ulp == ulp_distance(x, y) == expected
+    assert isinstance(diff.max_ulp, int) and diff.kind == "value" and diff.worst_index == (0,)
+
+
+def test_largest_distance_is_exact_among_many_large_ones():
+    # Two distances above 2**53 that round to the same double: the larger one must win exactly.
+    big = torch.tensor([1e300, 1e300], dtype=torch.float64)
+    other = torch.tensor([-1e300, -torch.nextafter(torch.tensor(1e300, dtype=torch.float64),
+                                                    torch.tensor(2e300, dtype=torch.float64)).item()],
+                         dtype=torch.float64)
+    diff = compare(big, other)
+    assert diff.max_ulp == 2 * 0x7E37E43C8800759C + 2 and diff.worst_index == (1,)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_nan_against_a_number_is_its_own_kind(dtype):
+    a = torch.tensor([1.0, 2.0, 4.0], dtype=dtype)
+    b = torch.tensor([1.0, math.nan, 4.5], dtype=dtype)
+    diff = compare(a, b)
+    assert diff.index == (1,) and diff.kind == "nan" and diff.ulp is None
+    assert diff.nan_mismatches == 1 and diff.inf_mismatches == 0 and diff.mismatched == 2
+    assert diff.max_ulp == ulp_distance(a[2:], b[2:]) > 0  # only the finite pair is measured
+    only_nan = compare(a[:2], b[:2])
+    assert only_nan.max_ulp is None and only_nan.nan_mismatches == 1
+    with pytest.raises(ValueError, match="cannot measure ULPs"):
+        ulp_distance(a[:2], b[:2])
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_infinity_against_finite_is_its_own_kind(dtype):
+    a = torch.tensor([math.inf, 1.0, -math.inf], dtype=dtype)
+    b = torch.tensor([3.0, 1.0, math.inf], dtype=dtype)
+    diff = compare(a, b)
+    assert diff.kind == "inf" and diff.inf_mismatches == 2 and diff.max_ulp is None and diff.ulp is None
+    assert "infinity mismatch" in diff.describe()
+    assert same_bits(torch.tensor([math.inf], dtype=dtype), torch.tensor([math.inf], dtype=dtype))
+
+
+def test_abs_and_rel_error_and_worst_location():
+    ref = torch.tensor([[1.0, 2.0], [100.0, 0.0]], dtype=torch.float32)
+    cand = ref.clone()
+    cand[0, 1] = torch.nextafter(ref[0, 1], torch.tensor(3.0))  # 1 ulp
+    cand[1, 0] = 101.0  # many ulps, abs err 1, rel err 0.01
+    diff = compare(cand, ref)
+    assert diff.index == (0, 1) and diff.ulp == 1 and diff.worst_index == (1, 0)
+    assert diff.max_ulp == ulp_distance(cand[1, 0:1], ref[1, 0:1]) > 1
+    assert diff.max_abs_error == 1.0 and diff.max_rel_error == pytest.approx(0.01)
+
+
+def test_relative_error_against_zero_uses_the_smallest_normal():
+    ref = torch.zeros(1, dtype=torch.float32)
+    cand = torch.tensor([torch.finfo(torch.float32).tiny])
+    assert compare(cand, ref).max_rel_error == 1.0
+
+
+def test_complex_worst_location_is_the_complex_element():
+    a = torch.zeros(3, dtype=torch.complex128)
+    b = a.clone()
+    b[2] = complex(0.0, 1.0)
+    diff = compare(b, a)
+    assert diff.index == (2,) and diff.worst_index == (2,) and diff.max_abs_error == 1.0

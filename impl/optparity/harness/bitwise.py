@@ -2,8 +2,11 @@
 
 Same means: same dtype, same shape, and the same bit pattern in every element, except that
 NaNs match any NaN in the same position (payloads are not part of the contract). -0.0 and
-0.0 differ. Where they differ we measure the distance in ULPs: how many representable
-values of the dtype lie between the two numbers.
+0.0 differ. Where they differ we measure, over the elements where both sides are finite, the
+distance in ULPs (how many representable values of the dtype lie between the two numbers,
+computed exactly: Python ints, never an overflowing int64), the absolute error and the relative
+error. A NaN against a number and an infinity against anything else are counted as their own
+kinds, never turned into a distance.
 """
 from __future__ import annotations
 
@@ -18,6 +21,10 @@ _INT_VIEW = {
     torch.float16: torch.int16,
     torch.bfloat16: torch.int16,
 }
+_EXACT_IN_DOUBLE = 1 << 53  # below this an ULP count held in a float64 is exact
+
+# Kinds of element mismatch.
+VALUE, NAN, INF = "value", "nan", "inf"
 
 
 @dataclass(frozen=True)
@@ -25,35 +32,61 @@ class Difference:
     """Where two tensors first differ, and by how much overall."""
 
     reason: str  # "dtype", "shape", "value" or "type"
-    index: tuple[int, ...] | None = None
-    candidate: float | complex | None = None
+    index: tuple[int, ...] | None = None  # first differing element
+    candidate: float | complex | None = None  # at `index`
     reference: float | complex | None = None
-    abs_error: float | None = None
-    ulp: int | None = None  # at `index`
-    max_ulp: int | None = None  # over the whole tensor
+    abs_error: float | None = None  # at `index`
+    ulp: int | None = None  # at `index`; None when that element is a NaN/inf mismatch
+    max_ulp: int | None = None  # over the elements where both sides are finite; None if none differ
     mismatched: int = 0  # number of differing elements
+    kind: str = VALUE  # of the element at `index`: VALUE, NAN (NaN vs a number) or INF
+    nan_mismatches: int = 0  # elements where exactly one side is NaN
+    inf_mismatches: int = 0  # elements where an infinity meets a finite number or the other infinity
+    max_abs_error: float | None = None  # over finite pairs
+    max_rel_error: float | None = None  # |c - r| / max(|r|, smallest normal), over finite pairs
+    worst_index: tuple[int, ...] | None = None  # element with the largest ULP distance
+    numeric: bool = False  # a tensor value difference (as opposed to dtype/shape/type/setting)
 
     def describe(self) -> str:
         if self.reason != "value":
             return f"{self.reason} differs: candidate {self.candidate}, reference {self.reference}"
-        return (
-            f"element {list(self.index)}: candidate {self.candidate!r} vs reference {self.reference!r} "
-            f"(abs err {self.abs_error:.3g}, {self.ulp} ulp; {self.mismatched} element(s) differ, "
-            f"max {self.max_ulp} ulp)"
-        )
+        if not self.numeric:
+            return f"value differs: candidate {self.candidate}, reference {self.reference}"
+        at = {VALUE: f"{self.ulp} ulp", NAN: "NaN vs a number", INF: "infinity mismatch"}[self.kind]
+        if self.ulp is None and self.kind == VALUE:
+            at = "not a float"
+        text = (f"element {list(self.index)}: candidate {self.candidate!r} vs reference {self.reference!r} "
+                f"(abs err {self.abs_error:.3g}, {at}; {self.mismatched} element(s) differ")
+        if self.max_ulp is not None:
+            text += f", max {self.max_ulp} ulp at {list(self.worst_index)}, max rel err {self.max_rel_error:.3g}"
+        if self.nan_mismatches:
+            text += f", {self.nan_mismatches} NaN vs number"
+        if self.inf_mismatches:
+            text += f", {self.inf_mismatches} inf mismatch"
+        return text + ")"
 
 
 def _real_view(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
-def _ordered_bits(t: Tensor) -> Tensor:
-    """Map float bits to integers whose order matches the floats' order, so that the
-    difference of two is their ULP distance. -0.0 maps just below +0.0 (distance 1)."""
+def _sign_magnitude(t: Tensor) -> tuple[Tensor, Tensor]:
+    """(sign bit set, magnitude bits) as bool / int64 tensors; the magnitude fits int64 for every width."""
     bits = t.view(_INT_VIEW[t.dtype]).to(torch.int64)
     width = t.element_size() * 8
-    magnitude = bits & ((1 << (width - 1)) - 1)
-    return torch.where(bits < 0, -magnitude - 1, magnitude)
+    return bits < 0, bits & ((1 << (width - 1)) - 1)
+
+
+def _ordered(negative: bool, magnitude: int) -> int:
+    """Monotone map of a float's bits to a Python int: -0.0 -> -1, +0.0 -> 0."""
+    return -magnitude - 1 if negative else magnitude
+
+
+def ulps_between(a: float, b: float, dtype: torch.dtype = torch.float64) -> int:
+    """Exact ULP distance between two finite numbers of `dtype` (a Python int, no overflow)."""
+    t = torch.tensor([a, b], dtype=dtype)
+    neg, mag = _sign_magnitude(t)
+    return abs(_ordered(bool(neg[0]), int(mag[0])) - _ordered(bool(neg[1]), int(mag[1])))
 
 
 def same_bits(candidate: Tensor, reference: Tensor) -> bool:
@@ -61,7 +94,7 @@ def same_bits(candidate: Tensor, reference: Tensor) -> bool:
 
 
 def compare(candidate: Tensor, reference: Tensor) -> Difference | None:
-    """None when the tensors are bit-identical (NaN matches NaN), else where they first differ."""
+    """None when the tensors are bit-identical (NaN matches NaN), else where and how they differ."""
     if not isinstance(candidate, Tensor) or not isinstance(reference, Tensor):
         return Difference("type", candidate=type(candidate).__name__, reference=type(reference).__name__)
     if candidate.dtype != reference.dtype:
@@ -73,45 +106,104 @@ def compare(candidate: Tensor, reference: Tensor) -> Difference | None:
     if cand.dtype not in _INT_VIEW:  # integer and bool tensors: plain equality
         if torch.equal(cand, ref):
             return None
-        differ = cand != ref
-        return _value_difference(candidate, reference, differ, ulps=None)
+        return _integer_difference(candidate, reference, cand != ref)
     bits_c = cand.view(_INT_VIEW[cand.dtype])
     bits_r = ref.view(_INT_VIEW[ref.dtype])
     if torch.equal(bits_c, bits_r):  # the common case, and the cheap one
         return None
-    both_nan = torch.isnan(cand) & torch.isnan(ref)
-    differ = (bits_c != bits_r) & ~both_nan
+    nan_c, nan_r = torch.isnan(cand), torch.isnan(ref)
+    differ = (bits_c != bits_r) & ~(nan_c & nan_r)
     if not bool(differ.any()):
         return None
-    ulps = (_ordered_bits(cand) - _ordered_bits(ref)).abs()
-    # A NaN against a number has no meaningful distance; count it as the dtype's whole range.
-    one_nan = torch.isnan(cand) ^ torch.isnan(ref)
-    ulps = torch.where(one_nan, torch.full_like(ulps, torch.iinfo(torch.int64).max), ulps)
-    ulps = torch.where(differ, ulps, torch.zeros_like(ulps))
-    return _value_difference(candidate, reference, differ, ulps)
+    finite = torch.isfinite(cand) & torch.isfinite(ref)
+    nan_kind = differ & (nan_c ^ nan_r)
+    inf_kind = differ & ~finite & ~nan_kind
+    measured = differ & finite
 
+    neg_c, mag_c = _sign_magnitude(cand)
+    neg_r, mag_r = _sign_magnitude(ref)
+    # float64 estimate of every distance, to rank them; exact Python ints where it matters.
+    same_sign = (mag_c - mag_r).abs().to(torch.float64)
+    cross_sign = mag_c.to(torch.float64) + mag_r.to(torch.float64) + 1.0
+    approx = torch.where(neg_c == neg_r, same_sign, cross_sign)
+    approx = torch.where(measured, approx, torch.zeros_like(approx))
 
-def _value_difference(candidate: Tensor, reference: Tensor, differ: Tensor, ulps: Tensor | None) -> Difference:
-    # For complex tensors `differ` covers the trailing (re, im) axis; report the complex element.
-    if candidate.is_complex():
-        elem_differ = differ.any(dim=-1)
-        elem_ulps = ulps.amax(dim=-1) if ulps is not None else None
-    else:
-        elem_differ, elem_ulps = differ, ulps
-    first = tuple(int(i) for i in elem_differ.nonzero()[0].tolist()) if elem_differ.dim() else ()
+    def exact(flat: int) -> int:
+        return abs(_ordered(bool(neg_c.reshape(-1)[flat]), int(mag_c.reshape(-1)[flat]))
+                   - _ordered(bool(neg_r.reshape(-1)[flat]), int(mag_r.reshape(-1)[flat])))
+
+    max_ulp = worst = max_abs = max_rel = None
+    if bool(measured.any()):
+        flat_approx = approx.reshape(-1)
+        top = float(flat_approx.max())
+        if top < _EXACT_IN_DOUBLE:
+            worst_flat = int(flat_approx.argmax())
+            max_ulp = int(top)
+        else:  # rounding to double is monotone, so the true maximum is among the ties
+            ties = (flat_approx == top).nonzero().reshape(-1).tolist()
+            max_ulp, worst_flat = max((exact(i), i) for i in ties)
+        worst = _element(candidate, ref.shape, worst_flat)
+        c64, r64 = cand.to(torch.float64), ref.to(torch.float64)
+        abs_err = torch.where(measured, (c64 - r64).abs(), torch.zeros_like(c64))
+        floor = torch.finfo(cand.dtype).tiny
+        rel_err = abs_err / r64.abs().clamp_min(floor)
+        max_abs, max_rel = float(abs_err.max()), float(rel_err.max())
+
+    elem_differ = differ.any(dim=-1) if candidate.is_complex() else differ
+    first = _first(elem_differ)
     c_val = candidate.detach().cpu()[first].item()
     r_val = reference.detach().cpu()[first].item()
-    abs_error = abs(c_val - r_val) if not isinstance(c_val, bool) else 1.0
+    comp = (nan_kind | inf_kind)[first]
+    kind = (NAN if bool(nan_kind[first].any()) else INF) if bool(comp.any()) else VALUE
+    ulp = None
+    if kind == VALUE:
+        sub = measured[first].reshape(-1)  # one component, or (re, im)
+        base = _flat_index(ref.shape, first)
+        ulp = max(exact(base + k) for k in range(sub.numel()) if bool(sub[k]))
     return Difference(
-        "value",
-        index=first,
-        candidate=c_val,
-        reference=r_val,
-        abs_error=float(abs_error),
-        ulp=int(elem_ulps[first]) if elem_ulps is not None else None,
-        max_ulp=int(elem_ulps.max()) if elem_ulps is not None else None,
-        mismatched=int(elem_differ.sum()),
+        "value", index=first, candidate=c_val, reference=r_val, abs_error=float(abs(c_val - r_val)),
+        ulp=ulp, max_ulp=max_ulp, mismatched=int(elem_differ.sum()), kind=kind,
+        nan_mismatches=_count(nan_kind, candidate), inf_mismatches=_count(inf_kind, candidate),
+        max_abs_error=max_abs, max_rel_error=max_rel, worst_index=worst, numeric=True,
     )
+
+
+def _first(mask: Tensor) -> tuple[int, ...]:
+    return tuple(int(i) for i in mask.nonzero()[0].tolist()) if mask.dim() else ()
+
+
+def _count(mask: Tensor, original: Tensor) -> int:
+    return int((mask.any(dim=-1) if original.is_complex() else mask).sum())
+
+
+def _flat_index(shape, index: tuple[int, ...]) -> int:
+    """Flat offset of the first component of `index` in a contiguous tensor of `shape`."""
+    flat = 0
+    for size, i in zip(shape, index):
+        flat = flat * size + i
+    for size in shape[len(index):]:
+        flat *= size
+    return flat
+
+
+def _element(original: Tensor, real_shape, flat: int) -> tuple[int, ...]:
+    index = []
+    for size in reversed(real_shape):
+        index.append(flat % size)
+        flat //= size
+    index.reverse()
+    return tuple(index[:-1]) if original.is_complex() else tuple(index)
+
+
+def _integer_difference(candidate: Tensor, reference: Tensor, differ: Tensor) -> Difference:
+    elem_differ = differ.any(dim=-1) if candidate.is_complex() else differ
+    first = _first(elem_differ)
+    c_val = candidate.detach().cpu()[first].item()
+    r_val = reference.detach().cpu()[first].item()
+    gap = (candidate.detach().cpu().to(torch.float64) - reference.detach().cpu().to(torch.float64)).abs()
+    return Difference("value", index=first, candidate=c_val, reference=r_val,
+                      abs_error=float(abs(c_val - r_val)) if not isinstance(c_val, bool) else 1.0,
+                      mismatched=int(elem_differ.sum()), max_abs_error=float(gap.max()), numeric=True)
 
 
 def ulp_distance(candidate: Tensor, reference: Tensor) -> int:
