@@ -181,7 +181,18 @@ def _new_pset(case: Case):
                        differentiable=bool(case.config.get("differentiable")))
 
 
+# The step the running case is in (0 while the optimizers are built). check.py points this at a
+# shared multiprocessing.Value in each worker, so that a hung case can be reported as "hung in step N".
+STEP_MONITOR = None
+
+
+def _at_step(step: int) -> None:
+    if STEP_MONITOR is not None:
+        STEP_MONITOR.value = step
+
+
 def _run(case: Case, candidate: Subject, reference: Subject, result: CaseResult) -> None:
+    _at_step(0)
     algo = case.algorithm
     hyper = {**case.config, **case.path_kwargs()}
     tracker = _Tracker()
@@ -205,6 +216,7 @@ def _run(case: Case, candidate: Subject, reference: Subject, result: CaseResult)
     step = 0
     while not stop and step < case.steps:
         step += 1
+        _at_step(step)
         grads = make_grads(pset_r, case.seed, step)
         loss_r, e_ref = _attempt(lambda: ref.step(grads, step))
         loss_c, e_cand = _attempt(lambda: cand.step(_clone(grads), step))
