@@ -22,7 +22,8 @@ def grad_mode_from_differentiable(step):
     def wrapper(self, *args, **kwargs):
         previous = torch.is_grad_enabled()
         try:
-            torch.set_grad_enabled(self.defaults["differentiable"])
+            # Adafactor, Muon and SparseAdam have no such option: always no_grad
+            torch.set_grad_enabled(self.defaults.get("differentiable", False))
             return step(self, *args, **kwargs)
         finally:
             torch.set_grad_enabled(previous)
