@@ -58,27 +58,32 @@ def capturable_devices(supports_xla: bool = True) -> list[str]:
 
 
 def check_capturable(
-    params: list[Tensor], state_steps: list[Tensor], supports_xla: bool = True
+    params: list[Tensor], state_steps: list[Tensor], supports_xla: bool = True, *,
+    companions: tuple[list[Tensor], ...] = (), names: str = "params and state_steps",
 ) -> None:
-    """capturable=True needs each param and its step on one supported device type (never
-    checked while compiling). The for-loop paths call this one param at a time."""
+    """capturable=True needs each param, its step (and its `companions`, other per-param
+    scalar state) on one supported device type (never checked while compiling). `names` is
+    how torch's message lists them. The for-loop paths call this one param at a time."""
     if torch.compiler.is_compiling():
         return
     kinds = capturable_devices(supports_xla)
-    for p, step in zip(params, state_steps, strict=True):
-        if not (p.device.type == step.device.type and p.device.type in kinds):
+    for p, step, *others in zip(params, state_steps, *companions, strict=True):
+        same_kind = all(t.device.type == p.device.type for t in (step, *others))
+        if not (same_kind and p.device.type in kinds):
             raise AssertionError(
-                f"If capturable=True, params and state_steps must be on supported devices: {kinds}."
+                f"If capturable=True, {names} must be on supported devices: {kinds}."
             )
 
 
-def check_state_steps(state_steps: list, skip_when_compiling: bool = True) -> None:
-    """Steps must be tensors (a list of Python numbers is the pre-1.12 API)."""
+def check_state_steps(state_steps: list, skip_when_compiling: bool = True,
+                      what: str = "state_steps") -> None:
+    """Steps (or another per-param scalar state list, named `what`) must be tensors (a list
+    of Python numbers is the pre-1.12 API)."""
     if skip_when_compiling and torch.compiler.is_compiling():
         return
     if not all(isinstance(s, Tensor) for s in state_steps):
         raise RuntimeError(
-            "API has changed, `state_steps` argument must contain a list of singleton tensors"
+            f"API has changed, `{what}` argument must contain a list of singleton tensors"
         )
 
 
@@ -96,10 +101,12 @@ def choose_paths(params: list[Tensor], differentiable: bool, foreach: bool | Non
 
 
 def pick_kernel(single, multi, params: list[Tensor], state_steps: list, foreach: bool | None,
-                differentiable: bool):
-    """Dispatch for an algorithm without a fused path, as torch does it: check state_steps,
-    default foreach by device, refuse foreach under TorchScript; returns the kernel to run."""
-    check_state_steps(state_steps)
+                differentiable: bool, check_steps: bool = True):
+    """Dispatch for an algorithm without a fused path, as torch does it: check state_steps
+    (`check_steps=False`: the caller checks them its own way, or not at all), default foreach
+    by device, refuse foreach under TorchScript; returns the kernel to run."""
+    if check_steps:
+        check_state_steps(state_steps)
     if foreach is None:
         foreach = default_foreach(params, differentiable)
     refuse_scripting(foreach)
