@@ -1,0 +1,919 @@
+"""Optimizer state for sharded training: FSDP's optimizer-state API, rekeying, and re-sharding.
+
+Three layouts meet here (all ``{"state": ..., "param_groups": [...]}``):
+
+* **param-id keyed** — ``torch.optim.Optimizer.state_dict()``: state keyed by the position of the
+  parameter in ``param_groups`` (groups concatenated); ZeRO's consolidated dict is this too.
+* **FQN keyed** — NamedOptimizer, ``torch.distributed.checkpoint.state_dict`` and FSDP's full
+  optimizer state dict: state keyed by the parameter's fully qualified name in the unwrapped
+  model, each tensor in the parameter's own shape; ``param_groups[i]["params"]`` lists FQNs.
+* **shard** (this module's checkpoint format) — what ONE rank holds, written by that rank alone:
+  ``{"format", "algorithm", "world_size", "rank", "param_groups" (FQN lists), "params"
+  {fqn: shape, dtype, start, end}, "kinds" {fqn: {key: elem|scalar|object}}, "state" {fqn: {key:
+  value}}}``. Element-wise state is stored as the flat range ``[start, end)`` of the
+  parameter's flattened elements that this rank holds; ``step`` and other scalars are stored
+  whole. A ZeRO rank holds whole parameters, an FSDP rank a flat range of each, so shards from
+  N ranks of any of them load at any world size M of any of them: each rank copies only the
+  ranges it now owns out of memory-mapped files, and no rank ever holds the full state.
+
+FSDP's own entry points are reimplemented over upstream's FSDP modules (``FlatParameter``
+metadata, ``_get_param_to_fqns``): ``full_optim_state_dict``, ``optim_state_dict`` /
+``optim_state_dict_to_load`` (FULL_STATE_DICT), ``shard_full_optim_state_dict``,
+``scatter_full_optim_state_dict``, ``rekey_optim_state_dict``; for ``fully_shard`` (DTensor
+state) ``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` (full and sharded). Their
+outputs are bit-identical to upstream's (suites/distributed/test_optim_state.py).
+
+Bad input (missing or extra parameters, shape/dtype mismatches, state from another algorithm,
+missing shards) raises ``OptimStateError`` naming the parameter FQN before anything is
+modified; no function mutates a dict it is given. Files load with ``weights_only=True``.
+
+Departures from upstream: ``get_optimizer_state_dict`` initialises missing state the same way
+(a zero-lr step) only when the optimizer has no state at all, as upstream does;
+``scatter_full_optim_state_dict`` broadcasts the full dict as one object (same result, more
+transient memory on the receivers than upstream's per-tensor broadcast).
+"""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = [
+    "OptimStateError", "OptimStateKeyType",
+    "optim_state_shard", "save_optim_state_shard", "load_optim_state_shards",
+    "shards_to_full", "load_full_optim_state",
+    "full_optim_state_dict", "optim_state_dict", "optim_state_dict_to_load",
+    "shard_full_optim_state_dict", "scatter_full_optim_state_dict",
+    "rekey_optim_state_dict", "to_fqn_keyed", "to_id_keyed",
+    "get_optimizer_state_dict", "set_optimizer_state_dict",
+]
+
+FORMAT = "optparity.optim_state.shard/1"
+
+
+class OptimStateError(ValueError):
+    """An optimizer state that cannot be loaded here; the message names the parameter."""
+
+
+def _key_type():
+    from torch.distributed.fsdp import OptimStateKeyType as K
+    return K
+
+
+class _KeyTypeProxy:
+    """torch's OptimStateKeyType, resolved lazily (importing FSDP is slow)."""
+
+    def __getattr__(self, name):
+        return getattr(_key_type(), name)
+
+
+OptimStateKeyType = _KeyTypeProxy()
+
+
+# ---------------------------------------------------------------------------
+# where each optimizer parameter's elements live on this rank
+# ---------------------------------------------------------------------------
+
+@dataclass
+class _Piece:
+    fqn: str
+    shape: torch.Size      # the original parameter's full shape
+    dtype: torch.dtype
+    start: int             # range of the parameter's flattened elements held here
+    end: int
+    offset: int            # where that range starts in the local (flattened) state tensor
+
+
+@dataclass
+class _Slot:
+    param: torch.Tensor    # the tensor the optimizer holds
+    kind: str              # whole | flat (FSDP FlatParameter) | view1d (FSDP use_orig_params) | dtensor
+    local_shape: torch.Size
+    pieces: list = field(default_factory=list)
+    fqns: list = field(default_factory=list)  # every FQN the optimizer parameter stands for
+
+
+def _is_zero(optim) -> bool:
+    return hasattr(optim, "_partition_parameters") and hasattr(optim, "optim") and hasattr(optim, "_param_to_rank")
+
+
+def _inner(optim):
+    """The optimizer whose `state` holds the tensors (ZeRO's local optimizer)."""
+    return optim.optim if _is_zero(optim) else optim
+
+
+def _param_to_fqns(model: nn.Module) -> dict:
+    from torch.distributed.fsdp._common_utils import _get_param_to_fqns
+    return _get_param_to_fqns(model)
+
+
+def _orig_param_index(model: nn.Module) -> dict:
+    """FSDP use_orig_params: original parameter -> (its FlatParameter, index in it)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    out = {}
+    for m in FSDP.fsdp_modules(model):
+        handle = m._handle
+        if handle is None or handle.flat_param._params is None:
+            continue
+        for i, p in enumerate(handle.flat_param._params):
+            out[p] = (handle.flat_param, i)
+    return out
+
+
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+
+def _slots(model: nn.Module, optim) -> list[_Slot]:
+    """One slot per optimizer parameter this rank keeps state for, in param_groups order."""
+    from torch.distributed.fsdp._flat_param import FlatParameter
+    to_fqns = _param_to_fqns(model)
+    orig = _orig_param_index(model)
+    owned = None
+    if _is_zero(optim):
+        me = optim.rank
+        owned = {p for p, r in optim._param_to_rank.items() if r == me}
+    slots = []
+    for group in optim.param_groups:
+        for p in group["params"]:
+            if p not in to_fqns:
+                raise OptimStateError(f"an optimizer parameter of shape {tuple(p.shape)} is not a parameter of the model")
+            fqns = list(to_fqns[p])
+            if isinstance(p, FlatParameter):
+                slot = _Slot(p, "flat", torch.Size([p.numel()]), fqns=fqns)
+                for fqn, shape, info in zip(fqns, p._shapes, p._shard_param_infos):
+                    if info.in_shard and info.numel_in_shard:
+                        slot.pieces.append(_Piece(fqn, torch.Size(shape), p.dtype, info.intra_param_start_idx,
+                                                  info.intra_param_end_idx + 1, info.offset_in_shard))
+            elif p in orig:
+                flat, i = orig[p]
+                info = flat._shard_param_infos[i]
+                slot = _Slot(p, "view1d", p.shape, fqns=fqns[:1])
+                if info.in_shard and info.numel_in_shard:
+                    slot.pieces.append(_Piece(fqns[0], torch.Size(flat._shapes[i]), p.dtype,
+                                              info.intra_param_start_idx, info.intra_param_end_idx + 1, 0))
+            elif _is_dtensor(p):
+                slot = _Slot(p, "dtensor", p.to_local().shape, fqns=fqns[:1])
+                start = _dtensor_start(p, fqns[0])
+                n = p.to_local().numel()
+                if n:
+                    slot.pieces.append(_Piece(fqns[0], p.shape, p.dtype, start, start + n, 0))
+            else:
+                slot = _Slot(p, "whole", p.shape, fqns=fqns[:1])
+                slot.pieces.append(_Piece(fqns[0], p.shape, p.dtype, 0, p.numel(), 0))
+            if owned is not None and p not in owned:
+                slot.pieces = []  # another ZeRO rank keeps its state
+            slots.append(slot)
+    return slots
+
+
+def _dtensor_start(p, fqn: str) -> int:
+    """First flat element of a DTensor's local shard; only row (dim-0) sharding is contiguous."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    for pl in p.placements:
+        if not (isinstance(pl, Replicate) or (isinstance(pl, Shard) and pl.dim == 0)):
+            raise OptimStateError(f"{fqn!r}: placements {p.placements} are not supported (only Shard(0) and Replicate)")
+    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    row = 1
+    for s in p.shape[1:]:
+        row *= s
+    return int(offset[0]) * row if len(offset) else 0
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _value_kind(key: str, value: Any, slot: _Slot, fqn: str) -> str:
+    if not torch.is_tensor(value):
+        return "object"
+    local = _local(value)
+    if local.dim() == 0 and not (slot.kind == "whole" and slot.param.dim() == 0 and key != "step"):
+        return "scalar"
+    if local.shape != slot.local_shape:
+        raise OptimStateError(f"{fqn!r}: state {key!r} has shape {tuple(local.shape)}, its parameter "
+                              f"{tuple(slot.local_shape)} here")
+    return "elem"
+
+
+def _groups_by_fqn(optim, slots_by_param: dict) -> list[dict]:
+    out = []
+    for group in optim.param_groups:
+        g = {k: v for k, v in group.items() if k != "params"}
+        g["params"] = [f for p in group["params"] for f in slots_by_param[p].fqns]
+        out.append(g)
+    return out
+
+
+def _all_slots(model, optim) -> tuple[list[_Slot], dict]:
+    slots = _slots(model, optim)
+    return slots, {s.param: s for s in slots}
+
+
+# ---------------------------------------------------------------------------
+# shards: save
+# ---------------------------------------------------------------------------
+
+def optim_state_shard(optim, model: nn.Module) -> dict[str, Any]:
+    """This rank's shard of `optim`'s state (plain optimizer, either ZeRO, FSDP with or without
+    use_orig_params, or fully_shard). Tensors are copies: the dict shares nothing with `optim`."""
+    slots, by_param = _all_slots(model, optim)
+    state = _inner(optim).state
+    params, kinds, out = {}, {}, {}
+    for slot in slots:
+        st = state.get(slot.param) or {}
+        for pc in slot.pieces:
+            params[pc.fqn] = {"shape": list(pc.shape), "dtype": str(pc.dtype), "start": pc.start, "end": pc.end}
+            if not st:
+                continue
+            kinds[pc.fqn], out[pc.fqn] = {}, {}
+            for key, value in st.items():
+                kind = _value_kind(key, value, slot, pc.fqn)
+                kinds[pc.fqn][key] = kind
+                if kind == "elem":
+                    flat = _local(value).detach().reshape(-1)
+                    value = flat[pc.offset:pc.offset + pc.end - pc.start]
+                    out[pc.fqn][key] = value.to("cpu", copy=True).contiguous()
+                elif kind == "scalar":
+                    out[pc.fqn][key] = _local(value).detach().to("cpu", copy=True)
+                else:
+                    out[pc.fqn][key] = copy.deepcopy(value)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if _is_zero(optim):
+        rank, world = optim.rank, optim.world_size
+    return {"format": FORMAT, "algorithm": type(_inner(optim)).__name__, "world_size": world, "rank": rank,
+            "param_groups": copy.deepcopy(_groups_by_fqn(optim, by_param)), "params": params,
+            "kinds": kinds, "state": out}
+
+
+def save_optim_state_shard(optim, model: nn.Module, path: str | os.PathLike) -> None:
+    """Write this rank's shard (call on every rank, each with its own path)."""
+    torch.save(optim_state_shard(optim, model), path)
+
+
+# ---------------------------------------------------------------------------
+# shards: load
+# ---------------------------------------------------------------------------
+
+def _open(src) -> dict:
+    if isinstance(src, (str, os.PathLike)):
+        return torch.load(src, map_location="cpu", weights_only=True, mmap=True)
+    return src
+
+
+def _check_shards(shards: Sequence[dict]) -> None:
+    if not shards:
+        raise OptimStateError("no optimizer-state shards given")
+    for i, s in enumerate(shards):
+        if not isinstance(s, dict) or s.get("format") != FORMAT:
+            raise OptimStateError(f"shard {i} is not an optimizer-state shard (format {FORMAT!r} expected, "
+                                  f"got {s.get('format') if isinstance(s, dict) else type(s).__name__!r})")
+    world = shards[0]["world_size"]
+    ranks = sorted(s["rank"] for s in shards)
+    if any(s["world_size"] != world for s in shards) or ranks != list(range(world)):
+        missing = sorted(set(range(world)) - set(ranks))
+        raise OptimStateError(f"the shards do not form one checkpoint: saved at world size {world}, got ranks "
+                              f"{ranks}" + (f" (missing rank {missing})" if missing else ""))
+    algos = {s["algorithm"] for s in shards}
+    if len(algos) != 1:
+        raise OptimStateError(f"shards were saved by different optimizers: {sorted(algos)}")
+
+
+def _check_groups(saved: list[dict], mine: list[dict], saved_algo: str, my_algo: str) -> None:
+    if saved_algo != my_algo:
+        raise OptimStateError(f"the checkpoint holds {saved_algo} state; this optimizer is {my_algo}")
+    if len(saved) != len(mine):
+        raise OptimStateError(f"the checkpoint has {len(saved)} parameter groups, this optimizer {len(mine)}")
+    have = {f for g in mine for f in g["params"]}
+    got = {f for g in saved for f in g["params"]}
+    if have - got:
+        raise OptimStateError(f"parameter {sorted(have - got)[0]!r} is missing from the checkpoint "
+                              f"(all missing: {sorted(have - got)})")
+    if got - have:
+        raise OptimStateError(f"the checkpoint has state for {sorted(got - have)[0]!r}, which this optimizer "
+                              f"does not hold (all extra: {sorted(got - have)})")
+    for i, (a, b) in enumerate(zip(saved, mine)):
+        if set(a["params"]) != set(b["params"]):
+            moved = sorted(set(a["params"]) ^ set(b["params"]))
+            raise OptimStateError(f"parameter {moved[0]!r} is in a different parameter group (group {i}) "
+                                  "in the checkpoint")
+        ka, kb = set(a) - {"params"}, set(b) - {"params"}
+        if ka != kb:
+            raise OptimStateError(f"group {i}: hyperparameters differ (checkpoint only: {sorted(ka - kb)}, "
+                                  f"optimizer only: {sorted(kb - ka)}); was it saved by another algorithm?")
+
+
+@dataclass
+class _Src:
+    """One saved piece of one parameter: elements [start, end) with its state."""
+    start: int
+    end: int
+    kinds: dict
+    state: dict
+
+
+def _index_sources(shards: Sequence[dict]) -> tuple[dict, dict]:
+    meta: dict[str, dict] = {}
+    pieces: dict[str, list[_Src]] = {}
+    for s in shards:
+        for fqn, m in s["params"].items():
+            prev = meta.setdefault(fqn, m)
+            if list(prev["shape"]) != list(m["shape"]) or prev["dtype"] != m["dtype"]:
+                raise OptimStateError(f"{fqn!r}: shards disagree on its shape/dtype")
+            if fqn in s["state"]:
+                pieces.setdefault(fqn, []).append(_Src(m["start"], m["end"], s["kinds"][fqn], s["state"][fqn]))
+    for fqn in pieces:
+        pieces[fqn].sort(key=lambda x: x.start)
+    return meta, pieces
+
+
+def _same_value(a, b) -> bool:
+    if torch.is_tensor(a) and torch.is_tensor(b):
+        from optparity.harness.bitwise import compare
+        return compare(a, b) is None
+    return type(a) is type(b) and a == b
+
+
+def _plan(slots: list[_Slot], meta: dict, pieces: dict) -> dict:
+    """Validate everything and return {param: (ordered keys, kinds, dtypes, scalars)} for the
+    slots that get state. Raises before anything is touched."""
+    plan = {}
+    for slot in slots:
+        for pc in slot.pieces:
+            m = meta.get(pc.fqn)
+            if m is None:
+                raise OptimStateError(f"parameter {pc.fqn!r} is missing from the checkpoint")
+            if list(m["shape"]) != list(pc.shape):
+                raise OptimStateError(f"{pc.fqn!r}: shape {tuple(m['shape'])} in the checkpoint, "
+                                      f"{tuple(pc.shape)} here")
+            if m["dtype"] != str(pc.dtype):
+                raise OptimStateError(f"{pc.fqn!r}: dtype {m['dtype']} in the checkpoint, {pc.dtype} here")
+        with_state = [pc for pc in slot.pieces if pc.fqn in pieces]
+        if not with_state:
+            continue
+        if len(with_state) != len(slot.pieces):
+            have = [pc.fqn for pc in with_state]
+            lack = [pc.fqn for pc in slot.pieces if pc.fqn not in pieces]
+            raise OptimStateError(f"{lack[0]!r} has no state in the checkpoint but shares a flat parameter "
+                                  f"with {have[0]!r}, which has")
+        keys, kinds, dtypes, scalars = None, None, {}, {}
+        for pc in with_state:
+            srcs = pieces[pc.fqn]
+            pos = pc.start
+            for src in srcs:  # the saved ranges must tile what this rank needs
+                if src.end <= pos or src.start >= pc.end:
+                    continue
+                if src.start > pos:
+                    break
+                pos = src.end
+            if pos < pc.end:
+                raise OptimStateError(f"{pc.fqn!r}: elements {pos}..{pc.end} have no state in the checkpoint "
+                                      "(a shard is missing?)")
+            for src in srcs:
+                if keys is None:
+                    keys, kinds, first = list(src.state), dict(src.kinds), pc.fqn
+                if set(src.state) != set(keys) or src.kinds != {k: kinds[k] for k in src.kinds}:
+                    raise OptimStateError(f"{pc.fqn!r}: state keys {sorted(src.state)} differ from "
+                                          f"{sorted(keys)} of {first!r}")
+                for k in keys:
+                    v = src.state[k]
+                    if kinds[k] == "elem":
+                        if v.dim() != 1 or v.numel() != src.end - src.start:
+                            raise OptimStateError(f"{pc.fqn!r}: state {k!r} has {v.numel()} elements for a "
+                                                  f"range of {src.end - src.start}")
+                        if dtypes.setdefault(k, v.dtype) != v.dtype:
+                            raise OptimStateError(f"{pc.fqn!r}: state {k!r} is {v.dtype}, elsewhere {dtypes[k]}")
+                    elif k in scalars and not _same_value(scalars[k], v):
+                        raise OptimStateError(f"{pc.fqn!r}: state {k!r} = {v!r} differs from {scalars[k]!r} "
+                                              "of a parameter it shares a flat parameter or shard with")
+                    else:
+                        scalars.setdefault(k, v)
+        plan[slot.param] = (keys, kinds, dtypes, scalars)
+    return plan
+
+
+def _build(slot: _Slot, plan_entry, pieces: dict) -> dict:
+    keys, kinds, dtypes, scalars = plan_entry
+    device = _local(slot.param).device
+    n = 1
+    for s in slot.local_shape:
+        n *= s
+    out = {}
+    for k in keys:
+        if kinds[k] != "elem":
+            v = scalars[k]
+            out[k] = v.clone() if torch.is_tensor(v) else copy.deepcopy(v)
+            continue
+        buf = torch.zeros(n, dtype=dtypes[k])  # FSDP's padding holds zeros, as upstream's loader writes
+        for pc in slot.pieces:
+            for src in pieces[pc.fqn]:
+                lo, hi = max(pc.start, src.start), min(pc.end, src.end)
+                if lo < hi:
+                    buf[pc.offset + lo - pc.start:pc.offset + hi - pc.start].copy_(
+                        src.state[k][lo - src.start:hi - src.start])
+        t = buf.view(slot.local_shape).to(device)
+        if slot.kind == "dtensor":
+            from torch.distributed.tensor import DTensor
+            t = DTensor.from_local(t, slot.param.device_mesh, slot.param.placements, run_check=False,
+                                   shape=slot.param.shape, stride=slot.param.stride())
+        out[k] = t
+    return out
+
+
+def _apply(optim, model, slots, by_param, plan, pieces, saved_groups) -> None:
+    """Load the planned state into `optim` through its own load_state_dict."""
+    ids = {}
+    for group in optim.param_groups:
+        for p in group["params"]:
+            ids[p] = len(ids)
+    state = {ids[s.param]: _build(s, plan[s.param], pieces) for s in slots if s.param in plan}
+    groups = []
+    for saved, group in zip(saved_groups, optim.param_groups):
+        g = {k: copy.deepcopy(v) for k, v in saved.items() if k != "params"}
+        g["params"] = [ids[p] for p in group["params"]]
+        groups.append(g)
+    optim.load_state_dict({"state": state, "param_groups": groups})
+
+
+def load_optim_state_shards(optim, model: nn.Module, shards: Iterable) -> None:
+    """Load a checkpoint written by save_optim_state_shard on N ranks into `optim` on this rank,
+    whatever N and the world size now. `shards`: every rank's file (or dict), in any order;
+    files are memory-mapped, and only the ranges this rank owns are read."""
+    shards = [_open(s) for s in shards]
+    _check_shards(shards)
+    slots, by_param = _all_slots(model, optim)
+    mine = _groups_by_fqn(optim, by_param)
+    _check_groups(shards[0]["param_groups"], mine, shards[0]["algorithm"], type(_inner(optim)).__name__)
+    meta, pieces = _index_sources(shards)
+    plan = _plan(slots, meta, pieces)
+    _apply(optim, model, slots, by_param, plan, pieces, shards[0]["param_groups"])
+
+
+def shards_to_full(shards: Iterable) -> dict[str, Any]:
+    """Offline: merge every rank's shard into one FQN-keyed optimizer state dict (holds the full
+    state, unlike load_optim_state_shards)."""
+    shards = [_open(s) for s in shards]
+    _check_shards(shards)
+    meta, pieces = _index_sources(shards)
+    state = {}
+    for g in shards[0]["param_groups"]:
+        for fqn in g["params"]:
+            if fqn not in pieces:
+                continue
+            m = meta[fqn]
+            numel = 1
+            for s in m["shape"]:
+                numel *= s
+            src0 = pieces[fqn][0]
+            entry = {}
+            for k in src0.state:
+                if src0.kinds[k] != "elem":
+                    v = src0.state[k]
+                    entry[k] = v.clone() if torch.is_tensor(v) else copy.deepcopy(v)
+                    continue
+                buf = torch.empty(numel, dtype=src0.state[k].dtype)
+                covered = 0
+                for src in pieces[fqn]:
+                    buf[src.start:src.end].copy_(src.state[k])
+                    covered += src.end - src.start
+                if covered != numel:
+                    raise OptimStateError(f"{fqn!r}: the shards hold {covered} of its {numel} elements")
+                entry[k] = buf.view(m["shape"])
+            state[fqn] = entry
+    return {"state": state, "param_groups": copy.deepcopy(shards[0]["param_groups"])}
+
+
+def _full_as_shard(full: dict, slots: list[_Slot], algo: str) -> dict:
+    """View an FQN-keyed full dict as a one-rank shard (no copies)."""
+    if not isinstance(full, dict) or "state" not in full or "param_groups" not in full:
+        raise OptimStateError("an optimizer state dict needs 'state' and 'param_groups'")
+    shape_of = {}
+    for s in slots:
+        for pc in s.pieces:
+            shape_of[pc.fqn] = (pc.shape, pc.dtype, s)
+        if s.kind == "whole" and not s.pieces:  # ZeRO: not owned here, still a known parameter
+            shape_of[s.fqns[0]] = (s.param.shape, s.param.dtype, s)
+    listed = [f for g in full["param_groups"] for f in g["params"]]
+    for fqn in full["state"]:
+        if fqn not in listed:
+            raise OptimStateError(f"the state dict has state for {fqn!r}, which no parameter group lists")
+    params, kinds, state = {}, {}, {}
+    for fqn in listed:
+        if fqn not in shape_of:
+            continue  # reported as an extra parameter by _check_groups
+        shape, dtype, slot = shape_of[fqn]
+        numel = 1
+        for d in shape:
+            numel *= d
+        params[fqn] = {"shape": list(shape), "dtype": str(dtype), "start": 0, "end": numel}
+        st = full["state"].get(fqn)
+        if not st:
+            continue
+        kinds[fqn], state[fqn] = {}, {}
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                v = _local(v)
+                if v.dim() == 0 and not (len(shape) == 0 and k != "step"):
+                    kinds[fqn][k], state[fqn][k] = "scalar", v
+                    continue
+                if tuple(v.shape) != tuple(shape):
+                    raise OptimStateError(f"{fqn!r}: state {k!r} has shape {tuple(v.shape)}, the parameter "
+                                          f"{tuple(shape)}")
+                if v.is_floating_point() and v.dtype != dtype:
+                    raise OptimStateError(f"{fqn!r}: state {k!r} is {v.dtype}, the parameter {dtype}")
+                kinds[fqn][k], state[fqn][k] = "elem", v.reshape(-1)
+            else:
+                kinds[fqn][k], state[fqn][k] = "object", v
+    return {"format": FORMAT, "algorithm": algo, "world_size": 1, "rank": 0,
+            "param_groups": full["param_groups"], "params": params, "kinds": kinds, "state": state}
+
+
+def _full_to_local(full: dict, model, optim, algo: str | None = None) -> None:
+    slots, by_param = _all_slots(model, optim)
+    my_algo = type(_inner(optim)).__name__
+    shard = _full_as_shard(full, slots, algo or my_algo)
+    mine = _groups_by_fqn(optim, by_param)
+    _check_groups(shard["param_groups"], mine, shard["algorithm"], my_algo)
+    meta, pieces = _index_sources([shard])
+    plan = _plan(slots, meta, pieces)
+    return slots, by_param, plan, pieces, shard["param_groups"]
+
+
+def load_full_optim_state(optim, model: nn.Module, full: dict, algorithm: str | None = None) -> None:
+    """Load an FQN-keyed full state dict (NamedOptimizer / DCP / FSDP full layout, or a
+    ZeRO/plain dict rekeyed with to_fqn_keyed) into any supported optimizer: each rank keeps its
+    part. `algorithm`, when given, is checked against this optimizer's class name."""
+    _apply(optim, model, *_full_to_local(full, model, optim, algorithm))
+
+
+# ---------------------------------------------------------------------------
+# rekeying: param id <-> FQN
+# ---------------------------------------------------------------------------
+
+def _plain_param_to_fqn(model: nn.Module) -> dict:
+    out = {}
+    for p, fqns in _param_to_fqns(model).items():
+        if len(fqns) != 1:
+            raise OptimStateError(f"a parameter maps to {len(fqns)} names {fqns}; rekeying needs one each")
+        out[p] = fqns[0]
+    return out
+
+
+def _optim_params(optim=None, optim_input=None) -> list:
+    if optim is not None:
+        return [p for g in optim.param_groups for p in g["params"]]
+    if optim_input is None:
+        raise OptimStateError("pass optim (or optim_input) to map parameter ids")
+    items = list(optim_input)
+    if items and isinstance(items[0], dict):
+        return [p for g in items for p in g["params"]]
+    return items
+
+
+def rekey_optim_state_dict(optim_state_dict: dict, optim_state_key_type, model: nn.Module,
+                           optim_input=None, optim=None) -> dict:
+    """FSDP.rekey_optim_state_dict: state keyed by parameter id <-> by name (for a model whose
+    optimizer holds its original parameters). As upstream: the input itself comes back when it
+    already has the wanted key type, per-parameter state is shared, group params are sorted."""
+    K = _key_type()
+    if optim_state_key_type not in (K.PARAM_NAME, K.PARAM_ID):
+        raise AssertionError(f"Expected optim_state_key_type to be PARAM_NAME or PARAM_ID, got {optim_state_key_type}")
+    keys = list(optim_state_dict["state"])
+    names = [type(k) is str for k in keys]
+    ids = [type(k) is int for k in keys]
+    if (any(names) and not all(names)) or (any(ids) and not all(ids)):
+        raise ValueError(f"Invalid parameter keys: {optim_state_dict['state'].keys()}")
+    if (optim_state_key_type == K.PARAM_NAME and all(names)) or (optim_state_key_type == K.PARAM_ID and all(ids)):
+        return optim_state_dict
+    params = _optim_params(optim, optim_input)
+    to_name = _plain_param_to_fqn(model)
+    if optim_state_key_type == K.PARAM_NAME:
+        id_to_name = [to_name[p] for p in params]
+        for k in keys:
+            if not 0 <= k < len(id_to_name):
+                raise OptimStateError(f"state for parameter id {k}, but the optimizer has {len(id_to_name)} parameters")
+        remap = lambda k: id_to_name[k]  # noqa: E731
+    else:
+        pid = {p: i for i, p in enumerate(params)}
+        name_to_id = {n: pid[p] for p, n in to_name.items() if p in pid}
+        for k in keys:
+            if k not in name_to_id:
+                raise OptimStateError(f"state for {k!r}, which is not a parameter of this optimizer")
+        remap = name_to_id.__getitem__
+    groups = copy.deepcopy(optim_state_dict["param_groups"])
+    for g in groups:
+        g["params"] = sorted(remap(k) for k in g["params"])
+    return {"state": {remap(k): v for k, v in optim_state_dict["state"].items()}, "param_groups": groups}
+
+
+def to_fqn_keyed(optim_state_dict: dict, model: nn.Module, optim) -> dict:
+    """A param-id keyed dict (torch.optim, ZeRO consolidated) -> FQN keyed, group order kept
+    (the NamedOptimizer / distributed-checkpoint layout). Shares no tensor with the input."""
+    params = _optim_params(optim)
+    names = [_plain_param_to_fqn(model)[p] for p in params]
+    out = copy.deepcopy(optim_state_dict)
+    for k in out["state"]:
+        if type(k) is not int or not 0 <= k < len(names):
+            raise OptimStateError(f"state key {k!r} is not a parameter id of this optimizer (0..{len(names) - 1})")
+    out["state"] = {names[k]: v for k, v in out["state"].items()}
+    for g in out["param_groups"]:
+        g["params"] = [names[k] for k in g["params"]]
+    return out
+
+
+def to_id_keyed(optim_state_dict: dict, model: nn.Module, optim) -> dict:
+    """The inverse of to_fqn_keyed, for `optim`'s parameter order. Shares no tensor with the input."""
+    params = _optim_params(optim)
+    to_name = _plain_param_to_fqn(model)
+    ids = {to_name[p]: i for i, p in enumerate(params)}
+    out = copy.deepcopy(optim_state_dict)
+    for k in [*out["state"], *(f for g in out["param_groups"] for f in g["params"])]:
+        if k not in ids:
+            raise OptimStateError(f"{k!r} is not a parameter of this optimizer")
+    out["state"] = {ids[k]: v for k, v in out["state"].items()}
+    for g in out["param_groups"]:
+        g["params"] = [ids[k] for k in g["params"]]
+    return out
+
+
+# ---------------------------------------------------------------------------
+# FSDP (FullyShardedDataParallel): full optimizer state
+# ---------------------------------------------------------------------------
+
+def _flat_offsets(flat) -> list[int]:
+    """Unsharded flat offset of each original parameter (alignment padding skipped)."""
+    out, pos = [], 0
+    numels = flat._numels_with_padding if flat._numels_with_padding is not None else flat._numels
+    padding = flat._is_padding_mask if flat._is_padding_mask is not None else [False] * len(numels)
+    for n, pad in zip(numels, padding):
+        if not pad:
+            out.append(pos)
+        pos += n
+    return out
+
+
+def _fsdp_handles(model):
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    return [m._handle for m in FSDP.fsdp_modules(model) if m._handle is not None]
+
+
+def _use_orig_params(model) -> bool:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    mods = FSDP.fsdp_modules(model)
+    if not mods:
+        raise OptimStateError("the model has no FullyShardedDataParallel module")
+    flags = {m._use_orig_params for m in mods}
+    if len(flags) != 1:
+        raise AssertionError("Not all FSDP modules have the same _use_orig_params value")
+    return flags.pop()
+
+
+def full_optim_state_dict(model: nn.Module, optim, rank0_only: bool = True, group=None,
+                          cpu_offload: bool = True) -> dict[str, Any]:
+    """FSDP.full_optim_state_dict: the FQN-keyed full state, gathered from every rank
+    (collective). With rank0_only, ranks other than 0 get {}."""
+    use_orig = _use_orig_params(model)
+    slots, by_param = _all_slots(model, optim)
+    state = optim.state
+    world = dist.get_world_size(group)
+    # what every rank holds: per FQN, its keys in order with kind, dtype or value
+    info = {}
+    for slot in slots:
+        st = state.get(slot.param) or {}
+        if not st:
+            continue
+        for pc in slot.pieces:
+            info[pc.fqn] = [(k, _value_kind(k, v, slot, pc.fqn),
+                             v.dtype if _value_kind(k, v, slot, pc.fqn) == "elem" else
+                             (v.detach().cpu() if torch.is_tensor(v) else v)) for k, v in st.items()]
+    infos: list = [None] * world
+    dist.all_gather_object(infos, info, group=group)
+    merged: dict[str, list] = {}
+    for r_info in infos:
+        for fqn, entries in r_info.items():
+            merged.setdefault(fqn, entries)
+    # gather element-wise state one FlatParameter and key at a time
+    full: dict[str, dict] = {}
+    local_of = {}
+    for slot in slots:
+        for pc in slot.pieces:
+            local_of[pc.fqn] = (slot, pc)
+    to_fqns = _param_to_fqns(model)
+    for handle in _fsdp_handles(model):
+        flat = handle.flat_param
+        if flat._params is not None:  # use_orig_params: the model names the original parameters
+            fqns = [to_fqns[p][0] for p in flat._params]
+        else:
+            fqns = list(to_fqns[flat])
+        offsets = _flat_offsets(flat)
+        keys = []
+        for fqn in fqns:
+            for k, kind, meta in merged.get(fqn, []):
+                if kind == "elem" and (k, meta) not in keys:
+                    keys.append((k, meta))
+        shard_numel = flat._sharded_size.numel() if hasattr(flat, "_sharded_size") else flat.numel()
+        for k, dtype in keys:
+            buf = torch.zeros(shard_numel, dtype=dtype, device=flat.device)
+            for fqn in fqns:
+                if fqn in local_of:
+                    slot, pc = local_of[fqn]
+                    st = state.get(slot.param) or {}
+                    if k in st:
+                        src = _local(st[k]).detach().reshape(-1)[pc.offset:pc.offset + pc.end - pc.start]
+                        info_i = flat._shard_param_infos[fqns.index(fqn)]
+                        buf[info_i.offset_in_shard:info_i.offset_in_shard + src.numel()].copy_(src)
+            outs = [torch.empty_like(buf) for _ in range(world)]
+            dist.all_gather(outs, buf, group=group)
+            gathered = torch.cat(outs)
+            for i, fqn in enumerate(fqns):
+                if fqn in merged and any(e[0] == k for e in merged[fqn]):
+                    shape = flat._shapes[i]
+                    numel = flat._numels[i]
+                    t = gathered[offsets[i]:offsets[i] + numel].view(shape).clone()
+                    full.setdefault(fqn, {})[k] = t.cpu() if cpu_offload else t
+    if rank0_only and dist.get_rank(group) != 0:
+        return {}
+    out_state = {}
+    order = sorted(merged) if use_orig else [f for s in slots for f in s.fqns if f in merged]
+    for fqn in order:
+        entries = merged[fqn]
+        entry = {}
+        keys = sorted(e[0] for e in entries) if not use_orig else [e[0] for e in entries]
+        by_key = {e[0]: e for e in entries}
+        for k in keys:
+            _, kind, meta = by_key[k]
+            if kind == "elem":
+                entry[k] = full[fqn][k]
+            elif kind == "scalar":
+                entry[k] = meta.clone()
+            else:
+                entry[k] = copy.deepcopy(meta)
+        out_state[fqn] = entry
+    groups = []
+    for g in optim.param_groups:
+        gg = copy.deepcopy({k: v for k, v in g.items() if k != "params"})
+        gg = {k: (gg[k] if k != "params" else None) for k in g}
+        gg["params"] = [f for p in g["params"] for f in by_param[p].fqns]
+        groups.append(gg)
+    return {"state": out_state, "param_groups": groups}
+
+
+def _state_dict_config(model):
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, StateDictType
+    settings = FSDP.get_state_dict_type(model)
+    if settings.state_dict_type != StateDictType.FULL_STATE_DICT:
+        raise NotImplementedError(
+            f"optparity's optim_state_dict supports FULL_STATE_DICT; the model is set to {settings.state_dict_type} "
+            "(use optim_state_shard / load_optim_state_shards for sharded checkpoints)")
+    return settings.optim_state_dict_config
+
+
+def optim_state_dict(model: nn.Module, optim, optim_state_dict: dict | None = None, group=None) -> dict:
+    """FSDP.optim_state_dict under FULL_STATE_DICT: the config's rank0_only / offload_to_cpu."""
+    cfg = _state_dict_config(model)
+    return full_optim_state_dict(model, optim, rank0_only=cfg.rank0_only, group=group,
+                                 cpu_offload=cfg.offload_to_cpu)
+
+
+def _flattened_local(full: dict, model, optim) -> dict:
+    """The local optimizer's param-id keyed state dict for an FQN-keyed full dict."""
+    slots, by_param, plan, pieces, groups = _full_to_local(full, model, optim)
+    ids = {}
+    for g in optim.param_groups:
+        for p in g["params"]:
+            ids[p] = len(ids)
+    state = {ids[s.param]: _build(s, plan[s.param], pieces) for s in slots if s.param in plan}
+    out_groups = []
+    for saved, g in zip(groups, optim.param_groups):
+        gg = copy.deepcopy({k: v for k, v in saved.items() if k != "params"})
+        gg["params"] = [ids[p] for p in g["params"]]
+        out_groups.append(gg)
+    return {"state": state, "param_groups": out_groups}
+
+
+def optim_state_dict_to_load(model: nn.Module, optim, optim_state_dict: dict, is_named_optimizer: bool = False,
+                             load_directly: bool = False, group=None) -> dict:
+    """FSDP.optim_state_dict_to_load (FULL_STATE_DICT): the dict to give optim.load_state_dict;
+    with load_directly it is loaded and None returned."""
+    cfg = _state_dict_config(model)
+    if cfg.rank0_only:
+        raise NotImplementedError("rank0_only=True loading: use scatter_full_optim_state_dict")
+    out = _flattened_local(optim_state_dict, model, optim)
+    if load_directly:
+        optim.load_state_dict(out)
+        return None
+    return out
+
+
+def shard_full_optim_state_dict(full_optim_state_dict: dict, model: nn.Module, optim_input=None,
+                                optim=None) -> dict:
+    """FSDP.shard_full_optim_state_dict: this rank's param-id keyed part of a full dict."""
+    if optim is None:
+        raise OptimStateError("pass optim (optim_input is deprecated upstream and not supported here)")
+    return _flattened_local(full_optim_state_dict, model, optim)
+
+
+def scatter_full_optim_state_dict(full_optim_state_dict: dict | None, model: nn.Module, optim_input=None,
+                                  optim=None, group=None) -> dict:
+    """FSDP.scatter_full_optim_state_dict: rank 0 holds the full dict; every rank gets its part."""
+    holder = [full_optim_state_dict if dist.get_rank(group) == 0 else None]
+    src = dist.get_global_rank(group, 0) if group is not None else 0
+    dist.broadcast_object_list(holder, src=src, group=group)
+    return shard_full_optim_state_dict(holder[0], model, optim=optim)
+
+
+# ---------------------------------------------------------------------------
+# fully_shard (DTensor state): torch.distributed.checkpoint.state_dict equivalents
+# ---------------------------------------------------------------------------
+
+def _init_state_if_empty(optim) -> None:
+    """What upstream does before reading state: an optimizer with no state and no gradients
+    takes one step with zero gradients and zero lr, so every parameter has state."""
+    if optim.state:
+        return
+    if any(p.grad is not None for g in optim.param_groups for p in g["params"]):
+        return
+    for g in optim.param_groups:
+        for p in g["params"]:
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
+    saved = []
+    for g in optim.param_groups:
+        if "lr" in g:
+            saved.append(g["lr"])
+            g["lr"] = torch.tensor(0.0) if torch.is_tensor(g["lr"]) else 0.0
+    optim.step()
+    for g in optim.param_groups:
+        if "lr" in g:
+            g["lr"] = saved.pop(0)
+    optim.zero_grad(set_to_none=True)
+
+
+def _options(options):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return options or StateDictOptions()
+
+
+def get_optimizer_state_dict(model: nn.Module, optimizers, *, submodules=None, options=None) -> dict:
+    """torch.distributed.checkpoint.state_dict.get_optimizer_state_dict for fully_shard or plain
+    models: FQN keyed; DTensor state as is, or gathered to full tensors (full_state_dict, with
+    cpu_offload only rank 0 keeps them)."""
+    opts = _options(options)
+    if submodules is not None:
+        raise NotImplementedError("submodules is deprecated upstream and not supported")
+    if opts.flatten_optimizer_state_dict:
+        raise NotImplementedError("flatten_optimizer_state_dict is not supported")
+    optims = optimizers if isinstance(optimizers, (list, tuple)) else (optimizers,)
+    out = {"state": {}, "param_groups": []}
+    to_name = _plain_param_to_fqn(model)
+    for optim in optims:
+        _init_state_if_empty(optim)
+        sd = optim.state_dict()
+        params = _optim_params(optim)
+        names = [to_name[p] for p in params]
+        for k, v in sd["state"].items():
+            out["state"][names[k]] = v
+        for g in sd["param_groups"]:
+            g = dict(g)
+            g["params"] = [names[i] for i in g["params"]]
+            out["param_groups"].append(g)
+    if not (opts.full_state_dict or opts.cpu_offload):
+        return out
+    rank0 = opts.full_state_dict and opts.cpu_offload
+    keep = not rank0 or dist.get_rank() == 0
+
+    def convert(v):
+        if _is_dtensor(v):
+            v = v.full_tensor() if opts.full_state_dict else v
+        if torch.is_tensor(v) and opts.cpu_offload and not _is_dtensor(v):
+            v = v.cpu()
+        return v
+
+    state = {}
+    for fqn, st in out["state"].items():
+        state[fqn] = {k: convert(v) for k, v in st.items()}
+    if not keep:
+        return {}
+    return {"state": state, "param_groups": out["param_groups"]}
+
+
+def set_optimizer_state_dict(model: nn.Module, optimizers, optim_state_dict: dict, *, options=None) -> None:
+    """torch.distributed.checkpoint.state_dict.set_optimizer_state_dict for one optimizer: an
+    FQN-keyed dict with full tensors (each rank takes its shard) or DTensor state."""
+    opts = _options(options)
+    optims = optimizers if isinstance(optimizers, (list, tuple)) else (optimizers,)
+    if len(optims) != 1:
+        raise NotImplementedError("one optimizer at a time")
+    if opts.full_state_dict and opts.broadcast_from_rank0:
+        holder = [optim_state_dict if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(holder, src=0)
+        optim_state_dict = holder[0]
+    load_full_optim_state(optims[0], model, optim_state_dict)
