@@ -1,19 +1,60 @@
 """Run one case: candidate and reference side by side on identical copies, compared bit for bit
-after every step (parameters, every state tensor, state-dict hyperparameters)."""
+after every step (parameters, every state tensor, state-dict hyperparameters), and classify it.
+
+Every case ends in one verdict (class Verdict). Differences are recorded by cause: numeric ones
+(a parameter, state or gradient tensor whose values differ) and API/layout ones (state keys,
+param-group keys, state_dict structure, a setting, a closure's return value); the first of each
+is kept, so an early layout difference never hides the numeric one behind it."""
 from __future__ import annotations
 
+import re
 import time
-from dataclasses import dataclass
-from typing import Any
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-from optparity.harness import algorithms
+from optparity.harness import algorithms, objectives
 from optparity.harness.bitwise import Difference, compare
-from optparity.harness.candidates import NotApplicable, algorithm_of, kind_of, load_object, make_driver
+from optparity.harness.candidates import (NotApplicable, algorithm_of, kind_of, load_object, make_driver,
+                                          options_not_accepted)
 from optparity.harness.matrix import CROSS_LOAD, LR_CHANGE, RELOAD_OWN, Case
 from optparity.harness.params import make_grads, make_params
+
+
+class Verdict:
+    """The class every case ends in."""
+
+    BIT_IDENTICAL = "bit_identical"
+    WITHIN_TOLERANCE = "within_tolerance"  # only with max_ulp: numbers differ by at most that many ULPs
+    NUMERICS_DIFFER = "numerics_differ"
+    API_DIFFERS = "api_differs"  # layout only (state keys, param-group keys, state_dict); numbers identical
+    NOT_APPLICABLE = "not_applicable"  # the candidate does not accept an option of this case
+    SAME_ERROR = "same_error"  # both sides raised the same error
+    ERROR_ONE_SIDE = "error_one_side"  # one side raised (or the two raised different errors)
+    HUNG = "hung"  # timed out (set by the engine, harness/check.py)
+
+    ALL = (BIT_IDENTICAL, WITHIN_TOLERANCE, NUMERICS_DIFFER, API_DIFFERS, NOT_APPLICABLE, SAME_ERROR,
+           ERROR_ONE_SIDE, HUNG)
+    LABELS = {BIT_IDENTICAL: "bit-identical", WITHIN_TOLERANCE: "within tolerance",
+              NUMERICS_DIFFER: "numerics differ", API_DIFFERS: "API/layout differs only",
+              NOT_APPLICABLE: "not applicable", SAME_ERROR: "same error on both sides",
+              ERROR_ONE_SIDE: "error on one side", HUNG: "hung"}
+
+
+ROUNDING, DIFFERENT_MATH = "rounding-level", "different math"
+
+
+@dataclass
+class RunOptions:
+    """What is compared and how strictly (check(hyper=, numerics_only=, max_ulp=, rounding_ulp=))."""
+
+    hyper: dict = field(default_factory=dict)  # pinned hyperparameters, given to both sides
+    numerics_only: bool = False  # API/layout differences are reported but do not fail
+    max_ulp: int | None = None  # tolerance mode: numeric differences up to this many ULPs pass
+    rounding_ulp: int = 8  # rounding-level bound: ULPs at the first differing step, and growth per step
 
 
 @dataclass
@@ -35,20 +76,31 @@ class Subject:
 @dataclass
 class Divergence:
     step: int
-    where: str  # "param", "state", "state_dict", "error", "grad"
+    where: str  # numeric: "param", "state", "grad"; API: "state", "state_dict", "closure", ...; "error"
     param: str | None
     key: str | None
     difference: Difference | None
     message: str
 
+    @property
+    def numeric(self) -> bool:
+        return self.difference is not None and self.difference.numeric
+
     def as_dict(self) -> dict:
-        d = {"step": self.step, "where": self.where, "param": self.param, "key": self.key, "message": self.message}
+        d = {"step": self.step, "where": self.where, "param": self.param, "key": self.key, "message": self.message,
+             "numeric": self.numeric}
         if self.difference is not None:
             diff = self.difference
             d.update(element=list(diff.index) if diff.index is not None else None,
                      candidate=_jsonable(diff.candidate), reference=_jsonable(diff.reference),
-                     abs_error=diff.abs_error, ulp=diff.ulp)
+                     abs_error=diff.abs_error, ulp=diff.ulp, kind=diff.kind, max_ulp=diff.max_ulp,
+                     max_abs_error=diff.max_abs_error, max_rel_error=diff.max_rel_error,
+                     worst_element=list(diff.worst_index) if diff.worst_index is not None else None)
         return d
+
+    def describe(self) -> str:
+        where = self.where + (f" {self.param}" if self.param else "") + (f"[{self.key!r}]" if self.key else "")
+        return f"step {self.step}, {where}: {self.message}"
 
 
 def _jsonable(v):
@@ -62,33 +114,154 @@ def _jsonable(v):
 @dataclass
 class CaseResult:
     case: Case
-    status: str  # "pass", "fail", "skip"
+    verdict: str = Verdict.BIT_IDENTICAL
     steps_run: int = 0
-    divergence: Divergence | None = None
-    worst_ulp: int = 0  # over every param and state tensor, every step
+    divergence: Divergence | None = None  # the one the verdict rests on
+    first_numeric: Divergence | None = None
+    first_api: Divergence | None = None
+    error: Divergence | None = None  # the first error (one side, or the same on both)
+    traceback: str = ""  # the candidate's own traceback for its first error
+    worst_ulp: int = 0  # over every param and state tensor, every step, finite pairs
+    worst: dict | None = None  # where that is: step, where, param, key, element
+    max_abs_error: float = 0.0
+    max_rel_error: float = 0.0
+    nan_mismatches: int = 0  # elements (summed over tensors and steps) where one side is NaN
+    inf_mismatches: int = 0
+    per_step: list[dict] = field(default_factory=list)  # numeric differences only: one row per step
+    math: str | None = None  # numerics_differ: ROUNDING or DIFFERENT_MATH
+    rejected_options: list[str] = field(default_factory=list)  # not_applicable: what was refused
+    hung_step: int | None = None  # hung: the step it was in
+    numerics_only: bool = False
+    max_ulp: int | None = None  # the tolerance it ran under (None: bit for bit)
     fused_vs_forloop_ulp: int | None = None  # measured, informational
     message: str = ""
     seconds: float = 0.0
 
+    def __post_init__(self):
+        # Older callers passed a status ("pass", "fail", "skip") where the verdict now goes.
+        legacy = {"pass": Verdict.BIT_IDENTICAL, "skip": Verdict.NOT_APPLICABLE, "fail": Verdict.ERROR_ONE_SIDE}
+        self.verdict = legacy.get(self.verdict, self.verdict)
+        if self.verdict not in Verdict.ALL:
+            raise ValueError(f"unknown verdict {self.verdict!r}; one of {', '.join(Verdict.ALL)}")
+
+    @property
+    def status(self) -> str:
+        """"pass", "fail" or "skip" (what JUnit and older callers understand)."""
+        if self.verdict == Verdict.NOT_APPLICABLE:
+            return "skip"
+        if self.verdict in (Verdict.NUMERICS_DIFFER, Verdict.ERROR_ONE_SIDE, Verdict.HUNG):
+            return "fail"
+        if self.verdict == Verdict.API_DIFFERS and not self.numerics_only:
+            return "fail"
+        return "pass"
+
+    @property
+    def numbers_match(self) -> bool:
+        """The case ran and its numbers are torch's (bit for bit, or within the explicit tolerance)."""
+        return self.verdict in (Verdict.BIT_IDENTICAL, Verdict.WITHIN_TOLERANCE) or (
+            self.verdict == Verdict.API_DIFFERS and self.numerics_only)
+
+    @classmethod
+    def hung_in(cls, case: Case, step: int, timeout_s: float, seconds: float | None = None) -> "CaseResult":
+        """The result of a case killed after `timeout_s` while in `step` (0: constructing)."""
+        where = f"step {step}" if step else "construction"
+        return cls(case, Verdict.HUNG, steps_run=max(step - 1, 0), hung_step=step,
+                   message=f"hung in {where}: no result after {timeout_s:g} s",
+                   seconds=timeout_s if seconds is None else seconds)
+
+
+def report_ok(results: list[CaseResult]) -> bool:
+    """No failing case, and at least one whose numbers match (same errors or skips alone prove nothing)."""
+    return bool(results) and not any(r.status == "fail" for r in results) and any(r.numbers_match for r in results)
+
+
+def matches_filter(case_id: str, pattern: str | None) -> bool:
+    """A case filter is a substring of the case id or a regular expression searched in it."""
+    if not pattern:
+        return True
+    if pattern in case_id:
+        return True
+    try:
+        return re.search(pattern, case_id) is not None
+    except re.error:
+        return False
+
 
 class _Tracker:
-    """Keeps the first divergence and the worst ULP distance seen."""
+    """Every difference, sorted by cause: the first numeric one, the first API/layout one, the
+    first error, the worst ULP distance and where it is, and per-step maxima of numeric errors.
+
+    record(step, where, param, key, diff, message): a difference carrying a numeric Difference
+    (a tensor's values) is numeric whatever `where` says; anything else is API/layout."""
 
     def __init__(self):
-        self.first: Divergence | None = None
+        self.first_numeric: Divergence | None = None
+        self.first_api: Divergence | None = None
+        self.error: Divergence | None = None
+        self.error_one_side = False
+        self.traceback = ""
         self.worst_ulp = 0
+        self.worst: dict | None = None
+        self.max_abs = self.max_rel = 0.0
+        self.nan = self.inf = 0
+        self.per_step: dict[int, dict] = {}
 
-    def record(self, step, where, param, key, diff: Difference | None, message: str = ""):
-        if diff is not None and diff.max_ulp is not None:
-            self.worst_ulp = max(self.worst_ulp, diff.max_ulp)
-        if self.first is None:
-            text = message or (diff.describe() if diff else "")
-            self.first = Divergence(step, where, param, key, diff, text)
+    def record(self, step, where, param, key, diff: Difference | None = None, message: str = ""):
+        div = Divergence(step, where, param, key, diff, message or (diff.describe() if diff else ""))
+        if not div.numeric:
+            self.first_api = self.first_api or div
+            return
+        self.first_numeric = self.first_numeric or div
+        row = self.per_step.setdefault(step, {"max_ulp": 0, "max_rel_error": 0.0, "max_abs_error": 0.0,
+                                              "nan_inf": 0})
+        row["nan_inf"] += diff.nan_mismatches + diff.inf_mismatches
+        self.nan += diff.nan_mismatches
+        self.inf += diff.inf_mismatches
+        if diff.max_ulp is not None:
+            row["max_ulp"] = max(row["max_ulp"], diff.max_ulp)
+            row["max_rel_error"] = max(row["max_rel_error"], diff.max_rel_error)
+            if diff.max_ulp > self.worst_ulp:
+                self.worst_ulp = diff.max_ulp
+                self.worst = {"step": step, "where": where, "param": param, "key": key,
+                              "element": list(diff.worst_index), "ulp": diff.max_ulp}
+            self.max_rel = max(self.max_rel, diff.max_rel_error)
+        if diff.max_abs_error is not None:
+            row["max_abs_error"] = max(row["max_abs_error"], diff.max_abs_error)
+            self.max_abs = max(self.max_abs, diff.max_abs_error)
+
+    def errors(self, step: int, e_cand: BaseException | None, e_ref: BaseException | None) -> None:
+        if self.error is not None:
+            return
+        if e_cand is not None and e_ref is not None and type(e_cand) is type(e_ref) and str(e_cand) == str(e_ref):
+            self.error = Divergence(step, "error", None, None, None, f"both raised {_error_text(e_cand)}")
+        else:
+            cand = _error_text(e_cand) if e_cand else "no error"
+            ref = _error_text(e_ref) if e_ref else "no error"
+            self.error = Divergence(step, "error", None, None, None,
+                                    f"candidate: {cand}{_hint(e_cand)} | reference: {ref}")
+            self.error_one_side = True
+        if e_cand is not None:
+            self.traceback = "".join(traceback.format_exception(e_cand))[-6000:]
+
+
+def _hint(e: BaseException | None) -> str:
+    if isinstance(e, TypeError) and (m := re.search(r"missing \d+ required .*?argument[s]?: '(\w+)'", str(e))):
+        return f" (pin it: --hyper {m.group(1)}=VALUE)"
+    return ""
+
+
+def _unexpected_keyword(e: BaseException | None) -> str | None:
+    if isinstance(e, TypeError) and (m := re.search(r"unexpected keyword argument '(\w+)'", str(e))):
+        return m.group(1)
+    return None
 
 
 def _compare_value(a: Any, b: Any) -> Difference | None:
     if isinstance(a, Tensor) or isinstance(b, Tensor):
         return compare(a, b)
+    if isinstance(a, list) and type(b) is list and len(a) == len(b):
+        # element by element first: `!=` on lists of tensors (LBFGS's history) would raise
+        return next((d for d in map(_compare_value, a, b) if d is not None), None)
     if type(a) is not type(b) or a != b:
         if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and len(a) == len(b) and type(a) is type(b):
             for x, y in zip(a, b):
@@ -155,23 +328,39 @@ def _attempt(fn):
 
 
 def _same_error(tracker: _Tracker, step: int, e_cand, e_ref) -> bool:
-    """Compare errors; True when the case must stop (either side raised)."""
+    """Record errors; True when the case must stop (either side raised)."""
     if e_cand is None and e_ref is None:
         return False
-    if e_cand is None or e_ref is None or type(e_cand) is not type(e_ref) or str(e_cand) != str(e_ref):
-        cand = _error_text(e_cand) if e_cand else "no error"
-        ref = _error_text(e_ref) if e_ref else "no error"
-        tracker.record(step, "error", None, None, None, f"candidate: {cand} | reference: {ref}")
+    tracker.errors(step, e_cand, e_ref)
     return True
 
 
-def run_case(case: Case, candidate: Subject, reference: Subject) -> CaseResult:
+# Set by an engine that watches for hangs (harness/check.py's workers): an object with a `value`
+# attribute, set to the step each case is in (0: constructing the optimizers).
+STEP_MONITOR = None
+
+
+def run_case(case: Case, candidate: Subject, reference: Subject, options: RunOptions | None = None,
+             on_step: Callable[[int], None] | None = None, **option_kwargs) -> CaseResult:
+    """One case, classified. options: a RunOptions, or its fields as keywords (hyper=,
+    numerics_only=, max_ulp=, rounding_ulp=). on_step(n) is called as step n starts (0:
+    construction), as is STEP_MONITOR.value set, so an engine that kills a hung case can say where."""
+    options = options or RunOptions(**option_kwargs)
     start = time.perf_counter()
-    result = CaseResult(case, "pass")
+    result = CaseResult(case, numerics_only=options.numerics_only, max_ulp=options.max_ulp)
+    monitor = STEP_MONITOR
+
+    def stepping(n: int) -> None:
+        if monitor is not None:
+            monitor.value = n
+        if on_step is not None:
+            on_step(n)
+
     try:
-        _run(case, candidate, reference, result)
+        _run(case, candidate, reference, result, options, stepping)
     except NotApplicable as e:
-        result.status, result.message = "skip", str(e)
+        result.verdict, result.message = Verdict.NOT_APPLICABLE, str(e)
+        result.rejected_options = list(e.options)
     result.seconds = time.perf_counter() - start
     return result
 
@@ -181,30 +370,27 @@ def _new_pset(case: Case):
                        differentiable=bool(case.config.get("differentiable")))
 
 
-# The step the running case is in (0 while the optimizers are built). check.py points this at a
-# shared multiprocessing.Value in each worker, so that a hung case can be reported as "hung in step N".
-STEP_MONITOR = None
-
-
-def _at_step(step: int) -> None:
-    if STEP_MONITOR is not None:
-        STEP_MONITOR.value = step
-
-
-def _run(case: Case, candidate: Subject, reference: Subject, result: CaseResult) -> None:
-    _at_step(0)
+def _run(case: Case, candidate: Subject, reference: Subject, result: CaseResult, options: RunOptions,
+         on_step: Callable[[int], None]) -> None:
     algo = case.algorithm
-    hyper = {**case.config, **case.path_kwargs()}
+    hyper = {**case.config, **options.hyper, **case.path_kwargs()}
     tracker = _Tracker()
+    on_step(0)
+    lacking = options_not_accepted(candidate.obj, candidate.kind, hyper)
+    if lacking:
+        raise NotApplicable(f"{candidate.label} takes no {', '.join(lacking)}", lacking)
     pset_c, pset_r = _new_pset(case), _new_pset(case)
     names = pset_r.names
     ref, e_ref = _attempt(lambda: make_driver(reference.obj, reference.kind, algo, pset_r, hyper))
     cand, e_cand = _attempt(lambda: make_driver(candidate.obj, candidate.kind, algo, pset_c, hyper))
+    rejected = _unexpected_keyword(e_cand)
+    if rejected and e_ref is None and rejected in hyper:
+        raise NotApplicable(f"{candidate.label} does not accept {rejected}= ({_error_text(e_cand)})", [rejected])
     forloop = None
     if case.path == "fused" and e_ref is None:
         # fused kernels are not bit-equal to the for-loop path by design: measure how far they are.
         forloop, _ = _attempt(lambda: make_driver(reference.obj, reference.kind, algo, _new_pset(case),
-                                                  {**case.config, "foreach": False}))
+                                                  {**case.config, **options.hyper, "foreach": False}))
         result.fused_vs_forloop_ulp = 0
     stop = _same_error(tracker, 0, e_cand, e_ref)
     differentiable = bool(case.config.get("differentiable"))
@@ -216,15 +402,20 @@ def _run(case: Case, candidate: Subject, reference: Subject, result: CaseResult)
     step = 0
     while not stop and step < case.steps:
         step += 1
-        _at_step(step)
+        on_step(step)
         grads = make_grads(pset_r, case.seed, step)
         loss_r, e_ref = _attempt(lambda: ref.step(grads, step))
         loss_c, e_cand = _attempt(lambda: cand.step(_clone(grads), step))
         if _same_error(tracker, step, e_cand, e_ref):
             break
-        if param_groups and _compare_value(loss_c, loss_r) is not None:
-            tracker.record(step, "error", None, None, None,
-                           f"step(closure) returned {loss_c!r}, the reference returned {loss_r!r}")
+        if param_groups:
+            diff = _compare_value(loss_c, loss_r)
+            if diff is not None:
+                tracker.record(step, "closure", None, None, diff if diff.numeric else None,
+                               f"step(closure) returned {loss_c!r}, the reference returned {loss_r!r}")
+        calls = objectives.closure_calls_differ(cand, ref)
+        if calls:
+            tracker.record(step, "closure", None, None, None, calls)
         _compare_drivers(tracker, step, cand, ref, names)
         if differentiable and step == 1:
             _compare_backward(tracker, step, pset_c, pset_r)
@@ -233,16 +424,72 @@ def _run(case: Case, candidate: Subject, reference: Subject, result: CaseResult)
                 d = compare(pc, pf)
                 if d is not None and d.max_ulp is not None:
                     result.fused_vs_forloop_ulp = max(result.fused_vs_forloop_ulp, d.max_ulp)
-        if reloadable and step in (RELOAD_OWN, CROSS_LOAD):
-            _reload(tracker, step, cand, ref, cross=(step == CROSS_LOAD))
+        if reloadable and step == RELOAD_OWN:
+            _reload(tracker, step, cand, ref, cross=False)
+        if reloadable and step == CROSS_LOAD:
+            # Loading each other's state_dict is a layout check: skipped when only numbers count.
+            if options.numerics_only:
+                _compare_param_groups_of(tracker, step, cand, ref)
+            else:
+                _reload(tracker, step, cand, ref, cross=True)
         if step == LR_CHANGE and param_groups:
             for driver in drivers:
                 driver.scale_lr(0.5)
     result.steps_run = step
-    result.worst_ulp = tracker.worst_ulp
-    if tracker.first is not None:
-        result.status, result.divergence = "fail", tracker.first
-        result.message = _describe(tracker.first)
+    _classify(result, tracker, options)
+
+
+def _classify(result: CaseResult, tracker: _Tracker, options: RunOptions) -> None:
+    result.first_numeric, result.first_api, result.error = tracker.first_numeric, tracker.first_api, tracker.error
+    result.traceback = tracker.traceback
+    result.worst_ulp, result.worst = tracker.worst_ulp, tracker.worst
+    result.max_abs_error, result.max_rel_error = tracker.max_abs, tracker.max_rel
+    result.nan_mismatches, result.inf_mismatches = tracker.nan, tracker.inf
+    if tracker.first_numeric is not None:
+        result.per_step = [{"step": s, **tracker.per_step.get(s, {"max_ulp": 0, "max_rel_error": 0.0,
+                                                                    "max_abs_error": 0.0, "nan_inf": 0})}
+                           for s in range(1, result.steps_run + 1)]
+        result.math = math_verdict(result.per_step, options.rounding_ulp)
+    if tracker.error is not None and tracker.error_one_side:
+        result.verdict, result.divergence = Verdict.ERROR_ONE_SIDE, tracker.error
+    elif tracker.first_numeric is not None:
+        within = (options.max_ulp is not None and not (tracker.nan or tracker.inf)
+                  and tracker.worst_ulp <= options.max_ulp)
+        result.verdict = Verdict.WITHIN_TOLERANCE if within else Verdict.NUMERICS_DIFFER
+        result.divergence = tracker.first_numeric
+    elif tracker.first_api is not None:
+        result.verdict, result.divergence = Verdict.API_DIFFERS, tracker.first_api
+    elif tracker.error is not None:
+        result.verdict, result.divergence = Verdict.SAME_ERROR, tracker.error
+    else:
+        result.verdict = Verdict.BIT_IDENTICAL
+    if result.divergence is not None:
+        result.message = result.divergence.describe()
+    if result.verdict in (Verdict.NUMERICS_DIFFER, Verdict.WITHIN_TOLERANCE):
+        result.message += f" [{result.math}: max {result.worst_ulp} ulp, max rel err {result.max_rel_error:.3g}]"
+    if tracker.first_api is not None and result.verdict != Verdict.API_DIFFERS:
+        result.message += f"; also API/layout: {tracker.first_api.describe()}"
+
+
+def math_verdict(per_step: list[dict], rounding_ulp: int = 8) -> str:
+    """ROUNDING when the numbers drift apart as rounding does: no NaN or infinity mismatch at any
+    step, at most `rounding_ulp` ULPs at the first differing step, and at most
+    rounding_ulp * (k + 1) ULPs k steps later (linear growth at worst). DIFFERENT_MATH otherwise."""
+    first = next((row["step"] for row in per_step if row["max_ulp"] or row["nan_inf"]), None)
+    if first is None:  # differences that have no ULP measure (integer tensors, settings)
+        return DIFFERENT_MATH
+    for row in per_step:
+        if row["nan_inf"]:
+            return DIFFERENT_MATH
+        if row["step"] >= first and row["max_ulp"] > rounding_ulp * (row["step"] - first + 1):
+            return DIFFERENT_MATH
+    return ROUNDING
+
+
+def _compare_param_groups_of(tracker: _Tracker, step: int, cand, ref) -> None:
+    sd_c, sd_r = _attempt(cand.state_dict), _attempt(ref.state_dict)
+    if sd_c[1] is None and sd_r[1] is None:
+        _compare_param_groups(tracker, step, sd_c[0], sd_r[0])
 
 
 def _reload(tracker: _Tracker, step: int, cand, ref, cross: bool) -> None:
@@ -272,7 +519,9 @@ def _compare_backward(tracker: _Tracker, step: int, pset_c, pset_r) -> None:
     parameters w.r.t. the initial ones must be bit-identical too. Only after the first step:
     torch's own in-place state updates make later multi-step graphs unusable for both sides."""
     (got_c, e_c), (got_r, e_r) = _attempt(lambda: _grad_through_step(pset_c)), _attempt(lambda: _grad_through_step(pset_r))
-    if _same_error(tracker, step, e_c, e_r):
+    if e_c or e_r:
+        if not (e_c and e_r and type(e_c) is type(e_r) and str(e_c) == str(e_r)):
+            tracker.errors(step, e_c, e_r)
         return
     names = [n for n, leaf in zip(pset_r.names, pset_r.leaves) if leaf.requires_grad]
     for name, gc, gr in zip(names, got_c[1], got_r[1]):
@@ -285,8 +534,7 @@ def _compare_backward(tracker: _Tracker, step: int, pset_c, pset_r) -> None:
 
 
 def _describe(div: Divergence) -> str:
-    where = div.where + (f" {div.param}" if div.param else "") + (f"[{div.key!r}]" if div.key else "")
-    return f"step {div.step}, {where}: {div.message}"
+    return div.describe()
 
 
 def default_reference(candidate: Subject) -> Subject:
