@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 import torch
 
@@ -38,64 +43,278 @@ def _all_candidates() -> list[tuple[str, str]]:
     return out
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _hyper(text: str) -> tuple[str, object]:
+    import ast
+
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+        raise argparse.ArgumentTypeError(f"{key}: {value!r} is not a Python literal (e.g. 0.01, True, (0.9,0.99))") from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (no timeout) or more, got {text}")
+    return value
+
+
 def _add_check(sub) -> None:
-    p = sub.add_parser("check", help="compare an optimizer with torch.optim bit for bit",
-                       description="Run CANDIDATE and REFERENCE side by side over the case matrix and "
-                                   "compare every parameter and state tensor after every step. "
-                                   "Exit 0 only when every case is bit-identical.")
+    from optparity.harness.check import DEFAULT_TIMEOUT, default_workers
+    from optparity.harness.levels import LEVELS
+
+    p = sub.add_parser(
+        "check", help="compare an optimizer with torch.optim bit for bit",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run CANDIDATE and REFERENCE side by side over the case matrix and compare every "
+                    "parameter and state tensor after every step.",
+        epilog="levels:\n" + "\n".join(f"  {name:8} {lv.summary}" for name, lv in LEVELS.items())
+               + "\n\nalgorithms: " + ", ".join(ALGORITHMS)
+               + "\n\nexit codes: 0 every case bit-identical; 1 a case differs, hung or crashed; 2 usage, import "
+                 "or output-path error (before any case runs); 130 interrupted (Ctrl-C), after the partial "
+                 "summary and reports")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--candidate", metavar="MODULE:NAME",
-                      help="optimizer class, functional class (step(gradients)) or functional kernel")
+                      help="optimizer class, functional class (step(gradients)) or functional kernel; "
+                           "MODULE.NAME works too")
     what.add_argument("--all", action="store_true",
                       help="check every optparity optimizer and kernel against torch.optim, and every "
                            "Functional* class against torch.distributed.optim's")
     p.add_argument("--reference", metavar="MODULE:NAME", help="default: torch.optim's class of the same name")
-    p.add_argument("--algorithm", choices=ALGORITHMS, help="when the candidate's name does not say")
-    p.add_argument("--paths", type=_csv(matrix.PATHS), default=list(matrix.PATHS))
-    p.add_argument("--dtypes", type=_csv(list(_DTYPES)), default=["float32", "float64"])
-    p.add_argument("--param-sets", type=_csv(matrix.PARAM_SETS), default=list(matrix.PARAM_SETS))
-    p.add_argument("--steps", type=int, default=matrix.STEPS)
+    p.add_argument("--algorithm", choices=ALGORITHMS, metavar="NAME",
+                   help="when the candidate's name does not say: " + ", ".join(ALGORITHMS))
+    p.add_argument("--level", choices=list(LEVELS), default="default",
+                   help="which cases: quick (a pull-request gate), default, full (nightly); see below")
+    p.add_argument("--paths", type=_csv(matrix.PATHS), help=f"only these ({', '.join(matrix.PATHS)})")
+    p.add_argument("--dtypes", type=_csv(list(_DTYPES)), help="instead of the level's (default: float32,float64)")
+    p.add_argument("--param-sets", type=_csv(matrix.PARAM_SETS), help=f"only these ({', '.join(matrix.PARAM_SETS)})")
+    p.add_argument("--steps", type=_positive_int, help=f"steps per case (default {matrix.STEPS})")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first differing case")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads while checking (default 1)")
-    p.add_argument("--json", metavar="FILE", help="write every case's result as JSON")
-    p.add_argument("--junit", metavar="FILE", help="write JUnit XML for CI")
+    p.add_argument("-n", "--workers", type=_positive_int, default=default_workers(), metavar="N",
+                   help="worker processes (default: this machine's cores, here %(default)s); 1 runs in "
+                        "this process unless --timeout needs a watched one")
+    p.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT, metavar="S",
+                   help="seconds per case before it is reported as hung and its worker replaced "
+                        "(default %(default)g; 0: none, and -n 1 then runs in this process)")
+    p.add_argument("--threads", type=_positive_int, default=1, help="torch intra-op threads per worker (default 1)")
+    p.add_argument("--json", metavar="FILE", help="write every case's result as JSON (rewritten as results come in)")
+    p.add_argument("--junit", metavar="FILE", help="write JUnit XML for CI (rewritten as results come in)")
     p.add_argument("-q", "--quiet", action="store_true", help="summary only, no progress")
+    p.add_argument("--hyper", action="append", type=_hyper, default=[], metavar="KEY=VALUE",
+                   help="pin a hyperparameter on both sides over every configuration (repeatable; VALUE is a "
+                        "Python literal: --hyper lr=0.01 --hyper betas=(0.9,0.99))")
+    p.add_argument("--numerics-only", action="store_true",
+                   help="compare parameters and state values only: state-key, param-group and state_dict "
+                        "layout differences are reported but do not fail")
+    p.add_argument("--filter", dest="case_filter", metavar="TEXT",
+                   help="only cases whose id contains TEXT or matches it as a regular expression")
+    p.add_argument("--max-ulp", type=_non_negative_int, metavar="N",
+                   help="tolerance mode: numeric differences of at most N ULPs pass as 'within tolerance' "
+                        "(reported as such; default: bit for bit)")
+    p.add_argument("--html", metavar="DIR", help="write an HTML report (grid by verdict, error plots) into DIR")
     p.set_defaults(func=_run_check)
 
 
-def _run_check(args) -> int:
-    from optparity.harness.check import check
-    from optparity.harness.report import format_text, write_json, write_junit
+class _Progress:
+    """Case counts and names on stderr: one rewritten line on a terminal, a plain line every
+    EVERY cases otherwise (CI logs)."""
 
-    if args.steps < 1:
-        raise SystemExit("optparity check: --steps must be at least 1")
-    candidates = _all_candidates() if args.all else [(args.candidate, args.reference)]
-    reports = []
-    for spec, reference in candidates:
-        done = [0]
+    EVERY = 250
 
-        def progress(result, _spec=spec):
-            done[0] += 1
-            if not args.quiet and sys.stderr.isatty():
-                print(f"\r{_spec}: {done[0]} cases", end="", file=sys.stderr, flush=True)
+    def __init__(self, label: str, total: int, quiet: bool):
+        self.label, self.total, self.quiet = label, total, quiet
+        self.tty = sys.stderr.isatty()
+        self.done, self.start, self.shown = 0, time.monotonic(), False
 
+    def __call__(self, result) -> None:
+        self.done += 1
+        if self.quiet:
+            return
+        if _is_hung(result):
+            self.clear()
+            print(f"{self.label}: {result.case.id}: {result.message}", file=sys.stderr, flush=True)
+        if self.tty:
+            width = shutil.get_terminal_size().columns - 1
+            print(f"\r\x1b[K{self.label}: {self.done}/{self.total} {result.case.id}"[:width + 4], end="",
+                  file=sys.stderr, flush=True)
+            self.shown = True
+        elif self.done % self.EVERY == 0:
+            rate = self.done / max(time.monotonic() - self.start, 1e-9)
+            print(f"{self.label}: {self.done}/{self.total} cases ({rate:.0f} cases/s)", file=sys.stderr, flush=True)
+
+    def clear(self) -> None:
+        if self.shown:
+            print("\r\x1b[K", end="", file=sys.stderr, flush=True)
+            self.shown = False
+
+
+def _is_hung(result) -> bool:
+    return result.message.startswith(("hung ", "the worker process running this case died"))
+
+
+class _Outputs:
+    """--json / --junit, rewritten atomically (temp file + os.replace) as results come in, so a
+    killed run leaves a valid partial report."""
+
+    def __init__(self, json_path: str | None, junit_path: str | None):
+        self.paths = [(p, w) for p, w in ((json_path, "json"), (junit_path, "junit")) if p]
+        self.last, self.interval = 0.0, 1.0
+
+    @staticmethod
+    def check_writable(flag: str, path: str) -> str | None:
+        """Why `path` cannot be written, or None. Missing directories are created only below the
+        working directory (reports/check/all.json in a fresh checkout); elsewhere they must exist."""
+        target = Path(path).absolute()
+        if target.is_dir():
+            return f"{flag} {path}: is a directory"
+        parent = target.parent
+        if not parent.is_dir():
+            if parent.exists():
+                return f"{flag} {path}: {parent} is not a directory"
+            if not parent.is_relative_to(Path.cwd()):
+                return f"{flag} {path}: directory {parent} does not exist"
+            try:
+                parent.mkdir(parents=True)
+            except OSError as e:
+                return f"{flag} {path}: cannot create directory {parent}: {e.strerror or e}"
         try:
-            report = check(spec, reference, algorithm=args.algorithm, paths=args.paths,
-                           dtypes=[_DTYPES[d] for d in args.dtypes], param_sets=args.param_sets,
-                           steps=args.steps, fail_fast=args.fail_fast, threads=args.threads,
-                           progress=progress)
-        except (ValueError, TypeError) as e:
-            print(f"optparity check: {e}", file=sys.stderr)
-            return 2
-        if not args.quiet and sys.stderr.isatty():
-            print(file=sys.stderr)
-        print(format_text(report))
-        print()
-        reports.append(report)
-    if args.json:
-        write_json(reports[0] if len(reports) == 1 else reports, args.json)
-    if args.junit:
-        write_junit(reports[0] if len(reports) == 1 else reports, args.junit)
+            with tempfile.TemporaryFile(dir=parent):
+                pass
+        except OSError as e:
+            return f"{flag} {path}: cannot write in {parent}: {e.strerror or e}"
+        if target.exists() and not os.access(target, os.W_OK):
+            return f"{flag} {path}: not writable"
+        return None
+
+    def update(self, reports, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self.paths or not reports or (not force and now - self.last < self.interval):
+            return
+        from optparity.harness.report import write_json, write_junit
+
+        doc = reports[0] if len(reports) == 1 else list(reports)
+        for path, kind in self.paths:
+            target = Path(path)
+            partial = target.with_name(f".{target.name}.partial")
+            (write_json if kind == "json" else write_junit)(doc, partial)
+            os.replace(partial, target)
+        # Large reports take a while to write: never spend more than a fifth of the run on it.
+        self.last = time.monotonic()
+        self.interval = max(1.0, 5 * (self.last - now))
+
+
+def _print_tracebacks(report) -> None:
+    """The candidate's own traceback for the first error of each kind (exception type)."""
+    seen = set()
+    for r in report.results:
+        tb = getattr(r, "traceback", None)
+        if not tb:
+            continue
+        kind = tb.strip().splitlines()[-1].split(":")[0]
+        if kind in seen:
+            continue
+        seen.add(kind)
+        print(f"\ntraceback, first {kind} ({r.case.id}):\n{tb.rstrip()}")
+
+
+def _run_check(args) -> int:
+    from optparity.harness.check import NoCases, UsageError, prepare, run
+    from optparity.harness.report import format_text
+
+    def usage(message: str) -> int:
+        print(f"optparity check: {message}", file=sys.stderr)
+        return 2
+
+    pairs = _all_candidates() if args.all else [(args.candidate, args.reference)]
+    options = dict(algorithm=args.algorithm, level=args.level, paths=args.paths,
+                   dtypes=[_DTYPES[d] for d in args.dtypes] if args.dtypes else None,
+                   param_sets=args.param_sets, steps=args.steps, hyper=dict(args.hyper),
+                   numerics_only=args.numerics_only, max_ulp=args.max_ulp, case_filter=args.case_filter)
+    plans, no_cases = [], []
+    try:
+        for spec, reference in pairs:
+            try:
+                plans.append(prepare(spec, reference, **options))
+            except NoCases as e:
+                if not args.all:
+                    raise
+                no_cases.append(f"{spec} ({e})")
+    except UsageError as e:
+        return usage(str(e))
+    if not plans:
+        return usage("no case to run for any candidate with these options")
+    for flag, path in (("--json", args.json), ("--junit", args.junit)):
+        why = path and _Outputs.check_writable(flag, path)
+        if why:
+            return usage(why)
+    if args.html:
+        why = _Outputs.check_writable("--html", str(Path(args.html) / "index.html"))
+        if why:
+            return usage(why)
+    outputs = _Outputs(args.json, args.junit)
+    reports, progress = [], None
+    try:
+        for plan in plans:
+            report = plan.new_report()
+            reports.append(report)
+            progress = _Progress(plan.candidate.label, len(plan.cases), args.quiet)
+
+            def on_result(result, _progress=progress):
+                _progress(result)
+                outputs.update(reports)
+
+            run(plan, fail_fast=args.fail_fast, threads=args.threads, workers=args.workers,
+                timeout=args.timeout, progress=on_result, report=report)
+            progress.clear()
+            print(format_text(report))
+            _print_tracebacks(report)
+            print()
+            outputs.update(reports, force=True)
+    except KeyboardInterrupt:
+        if progress is not None:
+            progress.clear()
+        report = reports[-1] if reports else None
+        if report is not None:
+            print(format_text(report))
+            _print_tracebacks(report)
+        done = sum(len(r.results) for r in reports)
+        print(f"\ninterrupted (Ctrl-C): partial results, {done} of {sum(len(p.cases) for p in plans)} cases ran"
+              + (f"; written to {', '.join(p for p, _ in outputs.paths)}" if outputs.paths else ""))
+        outputs.update(reports, force=True)
+        return 130
+    if args.html:
+        from optparity.harness.html import write_html
+
+        print(f"HTML report: {write_html(reports, args.html)}")
+    if no_cases:
+        print("no case to run for: " + "; ".join(no_cases))
     if len(reports) > 1:
         cases = sum(len(r.results) for r in reports)
         seconds = sum(r.seconds for r in reports)
