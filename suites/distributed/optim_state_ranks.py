@@ -151,10 +151,13 @@ def _clean_named(model):
 
 
 def full_state(model, optim, flavour: str) -> dict:
-    """The full FQN-keyed optimizer state, gathered by upstream's utilities."""
-    if flavour in ("fsdp", "fsdp_orig"):
+    """The full FQN-keyed optimizer state, gathered by upstream's utilities where they are right."""
+    if flavour == "fsdp":
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         return FSDP.full_optim_state_dict(model, optim, rank0_only=False)
+    if flavour == "fsdp_orig":
+        # upstream's gathering mislabels this flavour's state (test_optim_state.py pins that)
+        return ost.full_optim_state_dict(model, optim, rank0_only=False)
     if flavour == "fsdp2":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
         return get_optimizer_state_dict(model, optim, options=StateDictOptions(full_state_dict=True))
@@ -167,7 +170,9 @@ def full_state(model, optim, flavour: str) -> dict:
 
 def normalise(full: dict) -> dict:
     """Flavour-independent view of a full state: sorted FQNs, sorted keys, groups as FQN sets."""
-    state = {f: {k: v for k, v in sorted(st.items())} for f, st in sorted(full["state"].items())}
+    # cloned: upstream hands out the live `step` tensors, which later steps would advance
+    state = {f: {k: v.clone() if torch.is_tensor(v) else v for k, v in sorted(st.items())}
+             for f, st in sorted(full["state"].items())}
     groups = [{**{k: v for k, v in sorted(g.items()) if k != "params"}, "params": sorted(g["params"])}
               for g in full["param_groups"]]
     return {"state": state, "param_groups": groups}

@@ -151,6 +151,8 @@ def _slots(model: nn.Module, optim) -> list[_Slot]:
                     if info.in_shard and info.numel_in_shard:
                         slot.pieces.append(_Piece(fqn, torch.Size(shape), p.dtype, info.intra_param_start_idx,
                                                   info.intra_param_end_idx + 1, info.offset_in_shard))
+                if not slot.pieces:  # only padding here: its state still exists (zeros), as in training
+                    slot.pieces.append(_Piece(fqns[0], torch.Size(p._shapes[0]), p.dtype, 0, 0, 0))
             elif p in orig:
                 flat, i = orig[p]
                 info = flat._shard_param_infos[i]
@@ -162,8 +164,8 @@ def _slots(model: nn.Module, optim) -> list[_Slot]:
                 slot = _Slot(p, "dtensor", p.to_local().shape, fqns=fqns[:1])
                 start = _dtensor_start(p, fqns[0])
                 n = p.to_local().numel()
-                if n:
-                    slot.pieces.append(_Piece(fqns[0], p.shape, p.dtype, start, start + n, 0))
+                # an empty local shard still has (empty) state, and DTensor collectives need it
+                slot.pieces.append(_Piece(fqns[0], p.shape, p.dtype, start, start + n, 0))
             else:
                 slot = _Slot(p, "whole", p.shape, fqns=fqns[:1])
                 slot.pieces.append(_Piece(fqns[0], p.shape, p.dtype, 0, p.numel(), 0))
