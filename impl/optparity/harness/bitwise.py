@@ -45,6 +45,9 @@ class Difference:
     max_abs_error: float | None = None  # over finite pairs
     max_rel_error: float | None = None  # |c - r| / max(|r|, smallest normal), over finite pairs
     worst_index: tuple[int, ...] | None = None  # element with the largest ULP distance
+    # max|c - r| / (eps * max|r|) over finite pairs: the error in roundings of the tensor's own scale,
+    # which cancellation in a small element does not inflate (rounding-level vs different math).
+    scaled_error: float | None = None
     numeric: bool = False  # a tensor value difference (as opposed to dtype/shape/type/setting)
 
     def describe(self) -> str:
@@ -101,6 +104,14 @@ def compare(candidate: Tensor, reference: Tensor) -> Difference | None:
         return Difference("dtype", candidate=str(candidate.dtype), reference=str(reference.dtype))
     if candidate.shape != reference.shape:
         return Difference("shape", candidate=tuple(candidate.shape), reference=tuple(reference.shape))
+    if candidate.layout != reference.layout:
+        return Difference("layout", candidate=str(candidate.layout), reference=str(reference.layout))
+    if candidate.is_sparse:  # e.g. SGD's momentum buffer under sparse grads
+        if candidate.is_coalesced() != reference.is_coalesced():
+            return Difference("coalesced", candidate=candidate.is_coalesced(), reference=reference.is_coalesced())
+        # the same entries in the same order, then the same bits in each (index: into the values)
+        return (compare(candidate._indices(), reference._indices())
+                or compare(candidate._values(), reference._values()))
     cand = _real_view(candidate.detach()).cpu()
     ref = _real_view(reference.detach()).cpu()
     if cand.dtype not in _INT_VIEW:  # integer and bool tensors: plain equality
@@ -132,7 +143,7 @@ def compare(candidate: Tensor, reference: Tensor) -> Difference | None:
         return abs(_ordered(bool(neg_c.reshape(-1)[flat]), int(mag_c.reshape(-1)[flat]))
                    - _ordered(bool(neg_r.reshape(-1)[flat]), int(mag_r.reshape(-1)[flat])))
 
-    max_ulp = worst = max_abs = max_rel = None
+    max_ulp = worst = max_abs = max_rel = scaled = None
     if bool(measured.any()):
         flat_approx = approx.reshape(-1)
         top = float(flat_approx.max())
@@ -148,6 +159,9 @@ def compare(candidate: Tensor, reference: Tensor) -> Difference | None:
         floor = torch.finfo(cand.dtype).tiny
         rel_err = abs_err / r64.abs().clamp_min(floor)
         max_abs, max_rel = float(abs_err.max()), float(rel_err.max())
+        finfo = torch.finfo(cand.dtype)
+        scale = float(torch.where(finite, r64.abs(), torch.zeros_like(r64)).max())
+        scaled = max_abs / (finfo.eps * max(scale, finfo.tiny))
 
     elem_differ = differ.any(dim=-1) if candidate.is_complex() else differ
     first = _first(elem_differ)
@@ -164,7 +178,7 @@ def compare(candidate: Tensor, reference: Tensor) -> Difference | None:
         "value", index=first, candidate=c_val, reference=r_val, abs_error=float(abs(c_val - r_val)),
         ulp=ulp, max_ulp=max_ulp, mismatched=int(elem_differ.sum()), kind=kind,
         nan_mismatches=_count(nan_kind, candidate), inf_mismatches=_count(inf_kind, candidate),
-        max_abs_error=max_abs, max_rel_error=max_rel, worst_index=worst, numeric=True,
+        max_abs_error=max_abs, max_rel_error=max_rel, worst_index=worst, scaled_error=scaled, numeric=True,
     )
 
 

@@ -1,86 +1,191 @@
-"""How a check is shown: a terminal summary, JSON, and JUnit XML for CI."""
+"""How a check is shown: a terminal summary, JSON, and JUnit XML for CI.
+
+row(result) and junit_case(result, candidate) are the per-case building blocks (an engine that
+streams results writes them as they come); format_text / write_json / write_junit the whole."""
 from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
 
 from optparity.harness.check import CheckReport
 from optparity.harness.matrix import format_config
+from optparity.harness.runner import Verdict
 
 
-def _row(r) -> dict:
+def _div(d):
+    return d.as_dict() if d is not None else None
+
+
+def row(r) -> dict:
+    """One case as plain data (JSON-ready)."""
     c = r.case
     return {
         "case": c.id, "algorithm": c.algorithm, "path": c.path, "dtype": str(c.dtype).replace("torch.", ""),
-        "param_set": c.param_set, "config": format_config(c.config), "status": r.status,
-        "steps": r.steps_run, "worst_ulp": r.worst_ulp, "fused_vs_forloop_ulp": r.fused_vs_forloop_ulp,
-        "seconds": round(r.seconds, 6), "message": r.message,
-        "first_divergence": r.divergence.as_dict() if r.divergence else None,
+        "param_set": c.param_set, "config": format_config(c.config), "verdict": r.verdict, "status": r.status,
+        "math": r.math, "steps": r.steps_run, "worst_ulp": r.worst_ulp, "worst": r.worst,
+        "max_abs_error": r.max_abs_error, "max_rel_error": r.max_rel_error,
+        "nan_mismatches": r.nan_mismatches, "inf_mismatches": r.inf_mismatches,
+        "fused_vs_forloop_ulp": r.fused_vs_forloop_ulp, "rejected_options": list(r.rejected_options),
+        "hung_step": r.hung_step, "seconds": round(r.seconds, 6), "message": r.message,
+        "first_divergence": _div(r.divergence), "first_numeric_divergence": _div(r.first_numeric),
+        "first_api_divergence": _div(r.first_api), "error": _div(r.error), "traceback": r.traceback or None,
+        "per_step": r.per_step or None,
     }
 
 
+_row = row  # older name
+
+
+def counts(results) -> dict[str, int]:
+    """Cases per verdict, every verdict present (zeros included)."""
+    got = Counter(r.verdict for r in results)
+    return {v: got.get(v, 0) for v in Verdict.ALL}
+
+
+def rejected_options(results) -> dict[str, int]:
+    """Option -> number of cases the candidate could not run because it does not accept it."""
+    got = Counter(o for r in results for o in r.rejected_options)
+    return dict(sorted(got.items()))
+
+
+_COLUMNS = {Verdict.BIT_IDENTICAL: "identical", Verdict.WITHIN_TOLERANCE: "tolerated",
+            Verdict.NUMERICS_DIFFER: "numerics", Verdict.API_DIFFERS: "api", Verdict.NOT_APPLICABLE: "n/a",
+            Verdict.SAME_ERROR: "same_error", Verdict.ERROR_ONE_SIDE: "error", Verdict.HUNG: "hung"}
+
+
 def summary_table(report: CheckReport) -> pd.DataFrame:
-    df = pd.DataFrame([_row(r) for r in report.results])
+    df = pd.DataFrame([row(r) for r in report.results])
     if df.empty:
         return df
     grouped = df.groupby(["algorithm", "path", "dtype"], sort=True)
-    table = grouped.agg(
-        cases=("status", "size"),
-        passed=("status", lambda s: int((s == "pass").sum())),
-        failed=("status", lambda s: int((s == "fail").sum())),
-        skipped=("status", lambda s: int((s == "skip").sum())),
-        worst_ulp=("worst_ulp", "max"),
-    )
+    table = grouped.agg(cases=("verdict", "size"))
+    for verdict in Verdict.ALL:
+        n = grouped["verdict"].agg(lambda s, v=verdict: int((s == v).sum()))
+        if n.any():
+            table[_COLUMNS[verdict]] = n
+    table["worst_ulp"] = grouped["worst_ulp"].agg(lambda s: max(int(v) for v in s))
     fused = grouped["fused_vs_forloop_ulp"].max()
     if fused.notna().any():
         table["fused_vs_forloop_ulp"] = fused.map(lambda v: "" if pd.isna(v) else int(v))
     return table
 
 
+def verdict_line(r) -> str:
+    """One line per case: its id, its verdict, and what it rests on."""
+    label = Verdict.LABELS[r.verdict] + (f" ({r.math})" if r.math and r.verdict == Verdict.NUMERICS_DIFFER else "")
+    return f"{r.case.id}: {label}" + (f": {r.message}" if r.message else "")
+
+
+def _mode(report: CheckReport) -> list[str]:
+    lines = []
+    if any(r.max_ulp is not None for r in report.results):
+        tol = max(r.max_ulp for r in report.results if r.max_ulp is not None)
+        lines.append(f"TOLERANCE MODE: numeric differences up to {tol} ULP (no NaN/inf mismatch) pass as "
+                     f"'within tolerance' — this is not a bit-for-bit check")
+    if any(r.numerics_only for r in report.results):
+        lines.append("numerics only: API/layout differences (state keys, param-group keys, state_dict) are "
+                     "reported but do not fail; state dicts are not cross-loaded")
+    return lines
+
+
 def format_text(report: CheckReport) -> str:
-    lines = [f"candidate: {report.candidate}", f"reference: {report.reference}", ""]
+    lines = [f"candidate: {report.candidate}", f"reference: {report.reference}", *_mode(report), ""]
     table = summary_table(report)
     lines.append(table.to_string() if not table.empty else "(no cases)")
     lines.append("")
-    n = len(report.results)
+    results = report.results
+    n, per = len(results), counts(results)
     fails = report.failed
-    skips = [r for r in report.results if r.status == "skip"]
-    lines.append(f"{n} cases, {n - len(fails) - len(skips)} bit-identical, {len(fails)} differ, "
-                 f"{len(skips)} not applicable; worst ULP distance {report.worst_ulp}; "
+    lines.append(f"{n} cases, {per[Verdict.BIT_IDENTICAL]} bit-identical, {len(fails)} differ, "
+                 f"{per[Verdict.NOT_APPLICABLE]} not applicable; worst ULP distance {report.worst_ulp}; "
                  f"{report.seconds:.2f} s ({report.cases_per_second:.0f} cases/s)")
+    lines.append("by verdict: " + ", ".join(f"{Verdict.LABELS[v]} {k}" for v, k in per.items() if k))
+    numeric = [r for r in results if r.verdict == Verdict.NUMERICS_DIFFER]
+    if numeric:
+        maths = Counter(r.math for r in numeric)
+        worst = max(numeric, key=lambda r: (r.worst_ulp, r.max_rel_error))
+        lines.append(f"numerics: {maths.get('rounding-level', 0)} rounding-level, {maths.get('different math', 0)} "
+                     f"different math; max rel error {max(r.max_rel_error for r in numeric):.3g}; "
+                     f"worst {worst.worst_ulp} ulp in {worst.case.id}" + _where(worst.worst))
+        nan_inf = sum(r.nan_mismatches + r.inf_mismatches for r in numeric)
+        if nan_inf:
+            lines.append(f"  NaN/inf mismatches (not counted as ULPs): "
+                         f"{sum(r.nan_mismatches for r in numeric)} NaN vs number, "
+                         f"{sum(r.inf_mismatches for r in numeric)} infinity")
+    rejected = rejected_options(results)
+    if rejected:
+        lines.append("options the candidate rejected (cases not applicable): "
+                     + ", ".join(f"{o} ({k})" for o, k in rejected.items()))
     if fails:
         first = fails[0]
-        lines += ["", f"FIRST DIVERGENCE: {first.case.id}", f"  {first.message}"]
+        lines += ["", f"FIRST DIVERGENCE: {first.case.id}", f"  [{Verdict.LABELS[first.verdict]}] {first.message}"]
         d = first.divergence.difference if first.divergence else None
-        if d is not None and d.reason == "value":
+        if d is not None and d.numeric:
             lines.append(f"  candidate={d.candidate!r} reference={d.reference!r} abs_err={d.abs_error:.6g} "
-                         f"ulp={d.ulp} (worst over this case: {first.worst_ulp} ulp)")
-    if skips:
-        reasons = sorted({r.message for r in skips})
-        lines += ["", "not applicable: " + "; ".join(reasons)]
+                         f"ulp={d.ulp} (worst over this case: {first.worst_ulp} ulp{_where(first.worst)})")
+    for verdict in (Verdict.NUMERICS_DIFFER, Verdict.API_DIFFERS, Verdict.ERROR_ONE_SIDE, Verdict.HUNG,
+                    Verdict.SAME_ERROR):
+        firsts = [r for r in results if r.verdict == verdict]
+        if firsts and not (fails and firsts[0] is fails[0]):
+            lines.append(f"first {Verdict.LABELS[verdict]}: {verdict_line(firsts[0])}")
+    skips = [r for r in results if r.verdict == Verdict.NOT_APPLICABLE]
+    if skips and not rejected:
+        lines += ["", "not applicable: " + "; ".join(sorted({r.message for r in skips}))]
     return "\n".join(lines)
 
 
-def _report_doc(report: CheckReport) -> dict:
+def _where(worst: dict | None) -> str:
+    if not worst:
+        return ""
+    key = f"[{worst['key']!r}]" if worst.get("key") else ""
+    return f", at step {worst['step']}, {worst['where']} {worst['param'] or ''}{key} element {worst['element']}"
+
+
+def report_doc(report: CheckReport) -> dict:
     return {
         "candidate": report.candidate, "reference": report.reference, "ok": report.ok,
         "cases": len(report.results), "failed": len(report.failed), "worst_ulp": report.worst_ulp,
-        "seconds": report.seconds, "results": [_row(r) for r in report.results],
+        "counts": counts(report.results), "rejected_options": rejected_options(report.results),
+        "planned": getattr(report, "planned", len(report.results)),
+        "finished": getattr(report, "finished", True), "interrupted": getattr(report, "interrupted", False),
+        "seconds": report.seconds, "results": [row(r) for r in report.results],
     }
+
+
+_report_doc = report_doc
 
 
 def write_json(reports: CheckReport | list[CheckReport], path: str | Path) -> None:
     """One report as is; several (check --all) under "reports" with overall totals."""
     if isinstance(reports, CheckReport):
-        doc = _report_doc(reports)
+        doc = report_doc(reports)
     else:
         doc = {"ok": all(r.ok for r in reports), "cases": sum(len(r.results) for r in reports),
-               "failed": sum(len(r.failed) for r in reports), "reports": [_report_doc(r) for r in reports]}
+               "failed": sum(len(r.failed) for r in reports),
+               "counts": counts([x for r in reports for x in r.results]),
+               "reports": [report_doc(r) for r in reports]}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(doc, indent=1, default=str))
+
+
+def junit_case(r, candidate: str) -> ET.Element:
+    """A <testcase> for one result: failure for a failing verdict, skipped for not applicable."""
+    tc = ET.Element("testcase", classname=f"optparity.{r.case.algorithm}",
+                    name=f"{candidate} {r.case.id}", time=f"{r.seconds:.6f}")
+    props = ET.SubElement(tc, "properties")
+    ET.SubElement(props, "property", name="verdict", value=r.verdict)
+    if r.math:
+        ET.SubElement(props, "property", name="math", value=r.math)
+    if r.status == "fail":
+        failure = ET.SubElement(tc, "failure", message=f"{Verdict.LABELS[r.verdict]}: {r.message}", type=r.verdict)
+        failure.text = json.dumps(_div(r.divergence), default=str) + ("\n" + r.traceback if r.traceback else "")
+    elif r.status == "skip":
+        ET.SubElement(tc, "skipped", message=r.message)
+    return tc
 
 
 def _junit_suite(report: CheckReport) -> ET.Element:
@@ -88,12 +193,7 @@ def _junit_suite(report: CheckReport) -> ET.Element:
                        failures=str(len(report.failed)),
                        skipped=str(sum(r.status == "skip" for r in report.results)), time=f"{report.seconds:.3f}")
     for r in report.results:
-        tc = ET.SubElement(suite, "testcase", classname=f"optparity.{r.case.algorithm}",
-                           name=f"{report.candidate} {r.case.id}", time=f"{r.seconds:.6f}")
-        if r.status == "fail":
-            ET.SubElement(tc, "failure", message=r.message).text = json.dumps(_row(r)["first_divergence"], default=str)
-        elif r.status == "skip":
-            ET.SubElement(tc, "skipped", message=r.message)
+        suite.append(junit_case(r, report.candidate))
     return suite
 
 

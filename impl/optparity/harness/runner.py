@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from optparity.harness import algorithms, objectives
+from optparity.harness import algorithms, conditions, objectives, observers
 from optparity.harness.bitwise import Difference, compare
 from optparity.harness.candidates import (NotApplicable, algorithm_of, kind_of, load_object, make_driver,
                                           options_not_accepted)
@@ -212,14 +212,14 @@ class _Tracker:
             self.first_api = self.first_api or div
             return
         self.first_numeric = self.first_numeric or div
-        row = self.per_step.setdefault(step, {"max_ulp": 0, "max_rel_error": 0.0, "max_abs_error": 0.0,
-                                              "nan_inf": 0})
+        row = self.per_step.setdefault(step, dict(_EMPTY_STEP))
         row["nan_inf"] += diff.nan_mismatches + diff.inf_mismatches
         self.nan += diff.nan_mismatches
         self.inf += diff.inf_mismatches
         if diff.max_ulp is not None:
             row["max_ulp"] = max(row["max_ulp"], diff.max_ulp)
             row["max_rel_error"] = max(row["max_rel_error"], diff.max_rel_error)
+            row["scaled_error"] = max(row["scaled_error"], diff.scaled_error)
             if diff.max_ulp > self.worst_ulp:
                 self.worst_ulp = diff.max_ulp
                 self.worst = {"step": step, "where": where, "param": param, "key": key,
@@ -242,6 +242,9 @@ class _Tracker:
             self.error_one_side = True
         if e_cand is not None:
             self.traceback = "".join(traceback.format_exception(e_cand))[-6000:]
+
+
+_EMPTY_STEP = {"max_ulp": 0, "max_rel_error": 0.0, "max_abs_error": 0.0, "scaled_error": 0.0, "nan_inf": 0}
 
 
 def _hint(e: BaseException | None) -> str:
@@ -357,7 +360,8 @@ def run_case(case: Case, candidate: Subject, reference: Subject, options: RunOpt
             on_step(n)
 
     try:
-        _run(case, candidate, reference, result, options, stepping)
+        with conditions.applied(case):  # the case's threads and default dtype (edge axes)
+            _run(case, candidate, reference, result, options, stepping)
     except NotApplicable as e:
         result.verdict, result.message = Verdict.NOT_APPLICABLE, str(e)
         result.rejected_options = list(e.options)
@@ -393,6 +397,8 @@ def _run(case: Case, candidate: Subject, reference: Subject, result: CaseResult,
                                                   {**case.config, **options.hyper, "foreach": False}))
         result.fused_vs_forloop_ulp = 0
     stop = _same_error(tracker, 0, e_cand, e_ref)
+    # .grad, zero_grad, hooks and load_state_dict's argument are compared too (harness/observers.py)
+    observer = observers.Observer(tracker, cand, ref, names) if cand is not None and ref is not None else None
     differentiable = bool(case.config.get("differentiable"))
     reloadable = (not differentiable and getattr(cand, "supports_state_dict", False)
                   and getattr(ref, "supports_state_dict", False))
@@ -404,8 +410,8 @@ def _run(case: Case, candidate: Subject, reference: Subject, result: CaseResult,
         step += 1
         on_step(step)
         grads = make_grads(pset_r, case.seed, step)
-        loss_r, e_ref = _attempt(lambda: ref.step(grads, step))
-        loss_c, e_cand = _attempt(lambda: cand.step(_clone(grads), step))
+        loss_r, e_ref = _attempt(lambda: conditions.step(case, ref, grads, step))
+        loss_c, e_cand = _attempt(lambda: conditions.step(case, cand, _clone(grads), step))
         if _same_error(tracker, step, e_cand, e_ref):
             break
         if param_groups:
@@ -417,9 +423,11 @@ def _run(case: Case, candidate: Subject, reference: Subject, result: CaseResult,
         if calls:
             tracker.record(step, "closure", None, None, None, calls)
         _compare_drivers(tracker, step, cand, ref, names)
+        if observer is not None:
+            observer.after_step(step)
         if differentiable and step == 1:
             _compare_backward(tracker, step, pset_c, pset_r)
-        if forloop is not None and _attempt(lambda: forloop.step(_clone(grads), step))[1] is None:
+        if forloop is not None and _attempt(lambda: conditions.step(case, forloop, _clone(grads), step))[1] is None:
             for pc, pf in zip(cand.pset.params, forloop.pset.params):
                 d = compare(pc, pf)
                 if d is not None and d.max_ulp is not None:
@@ -446,9 +454,7 @@ def _classify(result: CaseResult, tracker: _Tracker, options: RunOptions) -> Non
     result.max_abs_error, result.max_rel_error = tracker.max_abs, tracker.max_rel
     result.nan_mismatches, result.inf_mismatches = tracker.nan, tracker.inf
     if tracker.first_numeric is not None:
-        result.per_step = [{"step": s, **tracker.per_step.get(s, {"max_ulp": 0, "max_rel_error": 0.0,
-                                                                    "max_abs_error": 0.0, "nan_inf": 0})}
-                           for s in range(1, result.steps_run + 1)]
+        result.per_step = [{"step": s, **tracker.per_step.get(s, _EMPTY_STEP)} for s in range(1, result.steps_run + 1)]
         result.math = math_verdict(result.per_step, options.rounding_ulp)
     if tracker.error is not None and tracker.error_one_side:
         result.verdict, result.divergence = Verdict.ERROR_ONE_SIDE, tracker.error
@@ -472,16 +478,20 @@ def _classify(result: CaseResult, tracker: _Tracker, options: RunOptions) -> Non
 
 
 def math_verdict(per_step: list[dict], rounding_ulp: int = 8) -> str:
-    """ROUNDING when the numbers drift apart as rounding does: no NaN or infinity mismatch at any
-    step, at most `rounding_ulp` ULPs at the first differing step, and at most
-    rounding_ulp * (k + 1) ULPs k steps later (linear growth at worst). DIFFERENT_MATH otherwise."""
+    """ROUNDING when the numbers drift apart as rounding does, DIFFERENT_MATH otherwise.
+
+    The measure is each differing tensor's scaled error, max|c - r| / (eps * max|r|): its error in
+    roundings (ULPs) of the tensor's own scale, so a small element born of cancellation (a momentum
+    near zero) does not inflate it the way its own ULP count does. Rounding-level: no NaN or
+    infinity mismatch at any step, a scaled error of at most `rounding_ulp` at the first differing
+    step, and at most rounding_ulp * (k + 1) k steps later (growing linearly at worst)."""
     first = next((row["step"] for row in per_step if row["max_ulp"] or row["nan_inf"]), None)
     if first is None:  # differences that have no ULP measure (integer tensors, settings)
         return DIFFERENT_MATH
     for row in per_step:
         if row["nan_inf"]:
             return DIFFERENT_MATH
-        if row["step"] >= first and row["max_ulp"] > rounding_ulp * (row["step"] - first + 1):
+        if row["step"] >= first and row["scaled_error"] > rounding_ulp * (row["step"] - first + 1):
             return DIFFERENT_MATH
     return ROUNDING
 
