@@ -210,3 +210,88 @@ def session(rank, ws, jobs):
         dist.barrier()
         results.append(recorded)
     return results
+
+
+# ---------------------------------------------------------------------------
+# comparisons with upstream (run inside the ranks)
+# ---------------------------------------------------------------------------
+
+def _trained(flavour: str, algo: str = "Adam", steps: int = 3):
+    model = wrap(build_plain(), flavour)
+    optim = make_optim(model, flavour, algo)
+    train(model, optim, range(steps))
+    return model, optim
+
+
+def _clone_tree(x):
+    if torch.is_tensor(x):
+        return x.detach().clone()
+    if isinstance(x, dict):
+        return {k: _clone_tree(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_clone_tree(v) for v in x)
+    return x
+
+
+def fsdp_against_upstream(rank, ws, flavour, algo):
+    """Ours and upstream's FSDP optimizer-state entry points on the same trained model.
+    Returns (name, ours, theirs) triples, cloned, for the driver to compare."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    warnings.filterwarnings("ignore", module="torch")
+    model, optim = _trained(flavour, algo)
+    out = []
+    for r0 in (True, False):
+        out.append((f"full_optim_state_dict(rank0_only={r0})", ost.full_optim_state_dict(model, optim, rank0_only=r0),
+                    FSDP.full_optim_state_dict(model, optim, rank0_only=r0)))
+    out.append(("optim_state_dict", ost.optim_state_dict(model, optim), FSDP.optim_state_dict(model, optim)))
+    # the single-process optimizer fed the same gradients: what the full state must be
+    plain = build_plain()
+    popt = make_optim(plain, "plain", algo)
+    train(plain, popt, range(3))
+    out.append(("full vs single process", ost.full_optim_state_dict(model, optim, rank0_only=False),
+                ost.to_fqn_keyed(popt.state_dict(), plain, popt)))
+    # loading: both sides take the same (correct) full dict
+    full = ost.full_optim_state_dict(model, optim, rank0_only=False)
+    frozen_full = _clone_tree(full)
+    out.append(("optim_state_dict_to_load", ost.optim_state_dict_to_load(model, optim, full),
+                FSDP.optim_state_dict_to_load(model, optim, full)))
+    out.append(("shard_full_optim_state_dict", ost.shard_full_optim_state_dict(full, model, optim=optim),
+                FSDP.shard_full_optim_state_dict(full, model, optim=optim)))
+    out.append(("scatter_full_optim_state_dict",
+                ost.scatter_full_optim_state_dict(full if rank == 0 else None, model, optim=optim),
+                FSDP.scatter_full_optim_state_dict(full if rank == 0 else None, model, optim=optim)))
+    out.append(("our loaders leave the input unchanged", full, frozen_full))
+    return _clone_tree(out)
+
+
+def fsdp2_against_upstream(rank, ws, algo):
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_optimizer_state_dict as up_get, set_optimizer_state_dict as up_set)
+    warnings.filterwarnings("ignore", module="torch")
+    model, optim = _trained("fsdp2", algo)
+    out = []
+    for full, off in ((True, True), (True, False), (False, False), (False, True)):
+        opts = StateDictOptions(full_state_dict=full, cpu_offload=off)
+        ours, theirs = ost.get_optimizer_state_dict(model, optim, options=opts), up_get(model, optim, options=opts)
+        if not full:  # DTensor state: compare each rank's local shards and the global metadata
+            ours, theirs = _dtensor_view(ours), _dtensor_view(theirs)
+        out.append((f"get_optimizer_state_dict(full={full}, cpu_offload={off})", ours, theirs))
+    full_sd = up_get(model, optim, options=StateDictOptions(full_state_dict=True))
+    sharded_sd = up_get(model, optim)
+    for name, sd, opts in (("full", full_sd, StateDictOptions(full_state_dict=True)),
+                           ("sharded", sharded_sd, StateDictOptions())):
+        m1, o1 = _trained("fsdp2", algo, steps=1)
+        m2, o2 = _trained("fsdp2", algo, steps=1)
+        ost.set_optimizer_state_dict(m1, o1, sd, options=opts)
+        up_set(m2, o2, sd, options=opts)
+        out.append((f"set_optimizer_state_dict({name})", _dtensor_view(o1.state_dict()), _dtensor_view(o2.state_dict())))
+    return _clone_tree(out)
+
+
+def _dtensor_view(sd):
+    def conv(v):
+        if ost._is_dtensor(v):
+            return {"local": v.to_local().clone(), "shape": tuple(v.shape), "placements": repr(v.placements)}
+        return v
+    return {"state": {k: {kk: conv(vv) for kk, vv in st.items()} for k, st in sd["state"].items()},
+            "param_groups": sd["param_groups"]}

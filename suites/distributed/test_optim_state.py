@@ -1,0 +1,258 @@
+"""Optimizer state for sharded training (optparity.distributed.optim_state), across processes.
+
+* Re-sharding: a checkpoint saved by N ranks (each writing only its own shard with torch.save)
+  is loaded by M ranks with torch.load(weights_only=True), trained on, saved again and loaded
+  back by N ranks; after every leg the full state and the parameters equal the uninterrupted
+  run bit for bit. The leg to M also changes flavour (ZeRO -> FSDP -> FSDP use_orig_params ->
+  fully_shard -> ZeRO), so every conversion between them is exercised in both directions.
+* Upstream: our FSDP and distributed-checkpoint entry points against torch's, bit for bit and
+  key order for key order; where torch is wrong (FSDP use_orig_params full state) the
+  difference is pinned and ours is checked against a single-process optimizer instead.
+* Bad input: clear errors naming the parameter, raised before anything changes.
+
+OPTPARITY_OPTIM_STATE_FULL=1 runs every algorithm on every (N, M) pair; the default run covers
+every pair with Adam and all four algorithms on 2 -> 3 and 4 -> 2.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+import optim_state_ranks as R
+from optparity.distributed import optim_state as ost
+from optparity.harness.bitwise import compare
+
+WORLD_SIZES = (1, 2, 3, 4)
+FULL = os.environ.get("OPTPARITY_OPTIM_STATE_FULL") == "1"
+ALL_ALGOS = tuple(R.HYPER)
+ALGO_PAIRS = {(2, 3), (4, 2)}
+
+
+def _algos(n, m):
+    return ALL_ALGOS if FULL or (n, m) in ALGO_PAIRS else ("Adam",)
+
+
+def assert_same(a, b, path="dict"):
+    """Deep equality: same keys in the same order, same types, tensors bit for bit."""
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        diff = compare(a, b)
+        assert diff is None, f"{path}: {diff.describe()}"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict), f"{path}: {type(a).__name__} vs {type(b).__name__}"
+        assert list(a) == list(b), f"{path}: keys {list(a)} vs {list(b)}"
+        for k in a:
+            assert_same(a[k], b[k], f"{path}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), f"{path}: {a!r} vs {b!r}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert type(a) is type(b) and a == b, f"{path}: {a!r} vs {b!r}"
+
+
+# ---------------------------------------------------------------------------
+# N -> M -> N through files
+# ---------------------------------------------------------------------------
+
+K1, K2, K3 = 3, 2, 2
+
+
+@pytest.mark.parametrize("n", WORLD_SIZES)
+def test_reshard_round_trips(ranks, tmp_path, n):
+    flavours = R.FLAVOURS
+    algos = sorted({a for m in WORLD_SIZES for a in _algos(n, m)})
+    ref_jobs = [(f, a, None, str(tmp_path / f"A-{f}-{a}"), 0, [K1, K2, K3]) for f in flavours for a in algos]
+    ref = dict(zip([(f, a) for f, a, *_ in ref_jobs], ranks(n).run(R.session, ref_jobs, timeout=600)[0]))
+    for a in algos:  # the math does not depend on the flavour
+        for f in flavours[1:]:
+            assert_same(ref[(f, a)], ref[(flavours[0], a)], f"N={n} {a}: {f} vs {flavours[0]}")
+    back_jobs = []
+    for m in WORLD_SIZES:
+        jobs = []
+        for i, f in enumerate(flavours):
+            g = flavours[(i + 1) % len(flavours)]
+            for a in _algos(n, m):
+                jobs.append((g, a, str(tmp_path / f"A-{f}-{a}"), str(tmp_path / f"B-{m}-{g}-{a}"), K1, [K2]))
+                back_jobs.append(((m, f, g, a), (f, a, str(tmp_path / f"B-{m}-{g}-{a}"), None, K1 + K2, [K3])))
+        got = ranks(m).run(R.session, jobs, timeout=600)[0]
+        for (g, a, src, *_), rec in zip(jobs, got):
+            assert_same(rec[0], ref[(flavours[(flavours.index(g) - 1) % 4], a)][1],
+                        f"{n} ranks -> {m} ranks ({os.path.basename(src)} loaded into {g}, {a})")
+    got = ranks(n).run(R.session, [j for _, j in back_jobs], timeout=600)[0]
+    for ((m, f, g, a), _), rec in zip(back_jobs, got):
+        assert_same(rec[0], ref[(f, a)][2], f"{n} -> {m} ({g}) -> {n} ({f}), {a}")
+
+
+# ---------------------------------------------------------------------------
+# against upstream
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ws", [2, 3])
+@pytest.mark.parametrize("algo", ["Adam", "Adagrad"])
+def test_fsdp_entry_points_match_upstream(ranks, ws, algo):
+    for rank, triples in enumerate(ranks(ws).run(R.fsdp_against_upstream, "fsdp", algo, timeout=300)):
+        for name, ours, theirs in triples:
+            assert_same(ours, theirs, f"rank {rank}: {name}")
+
+
+def test_fsdp_orig_params_upstream_mislabels_state(ranks):
+    """torch 2.13's FSDP.full_optim_state_dict with use_orig_params=True hands out each
+    element-wise state under the name of the state before it (exp_avg holds exp_avg_sq's
+    values). Ours equals the single-process optimizer; the loaders agree with upstream's."""
+    for rank, triples in enumerate(ranks(2).run(R.fsdp_against_upstream, "fsdp_orig", "Adam", timeout=300)):
+        by_name = {name: (ours, theirs) for name, ours, theirs in triples}
+        ours, single = by_name["full vs single process"]
+        assert_same(ours, {"state": single["state"], "param_groups": ours["param_groups"]}, f"rank {rank}: ours vs single")
+        assert [g["params"] for g in ours["param_groups"]] == [sorted(g["params"]) for g in single["param_groups"]] or \
+            [sorted(g["params"]) for g in ours["param_groups"]] == [sorted(g["params"]) for g in single["param_groups"]]
+        mine, theirs = by_name["full_optim_state_dict(rank0_only=False)"]
+        assert list(mine["state"]) == list(theirs["state"])
+        for fqn, st in theirs["state"].items():
+            keys = [k for k, v in st.items() if v.dim() > 0]
+            assert compare(st["exp_avg"], mine["state"][fqn]["exp_avg"]) is not None, "upstream got fixed?"
+            for k, nxt in zip(keys, keys[1:]):  # the pinned shift
+                assert compare(st[k], mine["state"][fqn][nxt]) is None, f"{fqn}: upstream {k} vs our {nxt}"
+        for name in ("optim_state_dict_to_load", "shard_full_optim_state_dict", "scatter_full_optim_state_dict",
+                     "our loaders leave the input unchanged"):
+            assert_same(*by_name[name], f"rank {rank}: {name}")
+
+
+@pytest.mark.parametrize("algo", ["AdamW", "SGD"])
+def test_fully_shard_get_set_match_upstream(ranks, algo):
+    for rank, triples in enumerate(ranks(3).run(R.fsdp2_against_upstream, algo, timeout=300)):
+        for name, ours, theirs in triples:
+            assert_same(ours, theirs, f"rank {rank}: {name}")
+
+
+def _plain_trained(algo="Adam", steps=2):
+    model = R.build_plain()
+    optim = R.make_optim(model, "plain", algo)
+    R.train(model, optim, range(steps))
+    return model, optim
+
+
+def test_rekey_matches_upstream():
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, OptimStateKeyType as K
+    model, optim = _plain_trained()
+    sd = optim.state_dict()
+    by_name = ost.rekey_optim_state_dict(sd, K.PARAM_NAME, model, optim=optim)
+    assert_same(by_name, FSDP.rekey_optim_state_dict(sd, K.PARAM_NAME, model, optim=optim))
+    back = ost.rekey_optim_state_dict(by_name, K.PARAM_ID, model, optim=optim)
+    assert_same(back, FSDP.rekey_optim_state_dict(by_name, K.PARAM_ID, model, optim=optim))
+    assert ost.rekey_optim_state_dict(sd, K.PARAM_ID, model, optim=optim) is sd  # as upstream
+    # the order-keeping pair used for ZeRO and plain optimizers
+    assert_same(ost.to_id_keyed(ost.to_fqn_keyed(sd, model, optim), model, optim), sd)
+
+
+def test_fqn_keyed_matches_distributed_checkpoint():
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    model, optim = _plain_trained()
+    ours = ost.to_fqn_keyed(optim.state_dict(), model, optim)
+    assert_same(ours, get_optimizer_state_dict(model, optim))
+    assert_same(ost.get_optimizer_state_dict(model, optim), get_optimizer_state_dict(model, optim))
+
+
+def test_plain_shard_round_trip_and_full(tmp_path):
+    model, optim = _plain_trained("Adagrad", steps=3)
+    path = tmp_path / "optim.0.pt"
+    ost.save_optim_state_shard(optim, model, path)
+    fresh = R.build_plain()
+    fresh_opt = R.make_optim(fresh, "plain", "Adagrad")
+    ost.load_optim_state_shards(fresh_opt, fresh, [path])
+    assert_same(fresh_opt.state_dict(), optim.state_dict())
+    assert_same(R.normalise(ost.shards_to_full([path])), R.normalise(ost.to_fqn_keyed(optim.state_dict(), model, optim)))
+
+
+# ---------------------------------------------------------------------------
+# bad input
+# ---------------------------------------------------------------------------
+
+def _shard():
+    model, optim = _plain_trained()
+    return ost.optim_state_shard(optim, model)
+
+
+def _edit_missing(s):
+    s["params"].pop("head.weight")
+    s["state"].pop("head.weight")
+    s["kinds"].pop("head.weight")
+    s["param_groups"][0]["params"].remove("head.weight")
+
+
+def _edit_extra(s):
+    s["param_groups"][1]["params"].append("block.extra")
+    s["params"]["block.extra"] = {"shape": [3], "dtype": "torch.float32", "start": 0, "end": 3}
+
+
+def _edit_shape(s):
+    s["params"]["emb.bias"]["shape"] = [6]
+
+
+def _edit_dtype(s):
+    s["params"]["block.gain"]["dtype"] = "torch.float64"
+
+
+def _edit_state_numel(s):
+    s["state"]["emb.bias"]["exp_avg"] = s["state"]["emb.bias"]["exp_avg"][:4]
+
+
+BAD = [
+    (_edit_missing, "'head.weight' is missing"),
+    (_edit_extra, "'block.extra'"),
+    (_edit_shape, "'emb.bias': shape (6,) in the checkpoint, (5,) here"),
+    (_edit_dtype, "'block.gain': dtype torch.float64 in the checkpoint, torch.float32 here"),
+    (_edit_state_numel, "'emb.bias': state 'exp_avg' has 4 elements for a range of 5"),
+]
+
+
+@pytest.mark.parametrize("edit,message", BAD, ids=[e.__name__ for e, _ in BAD])
+def test_bad_shard_raises_before_loading(edit, message):
+    shard = _shard()
+    edit(shard)
+    before = copy.deepcopy(shard)
+    model, optim = _plain_trained(steps=1)
+    sd_before = copy.deepcopy(optim.state_dict())
+    with pytest.raises(ost.OptimStateError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ost.load_optim_state_shards(optim, model, [shard])
+    assert_same(optim.state_dict(), sd_before, "optimizer after a refused load")
+    assert_same(shard, before, "the caller's shard")
+
+
+def test_other_algorithm_and_missing_shard_refused():
+    shard = _shard()
+    model = R.build_plain()
+    sgd = R.make_optim(model, "plain", "SGD")
+    with pytest.raises(ost.OptimStateError, match="holds Adam state; this optimizer is SGD"):
+        ost.load_optim_state_shards(sgd, model, [shard])
+    assert sgd.state_dict()["state"] == {}
+    two = dict(shard, world_size=2)
+    with pytest.raises(ost.OptimStateError, match=r"missing rank \[1\]"):
+        ost.load_optim_state_shards(R.make_optim(model, "plain", "Adam"), model, [two])
+
+
+def test_full_dict_errors_name_the_parameter():
+    model, optim = _plain_trained()
+    full = ost.to_fqn_keyed(optim.state_dict(), model, optim)
+    bad = copy.deepcopy(full)
+    bad["state"]["head.bias"]["exp_avg"] = torch.zeros(3)
+    before = copy.deepcopy(bad)
+    with pytest.raises(ost.OptimStateError, match=r"'head.bias': state 'exp_avg' has shape \(3,\), the parameter \(2,\)"):
+        ost.load_full_optim_state(optim, model, bad)
+    assert_same(bad, before)
+    bad = copy.deepcopy(full)
+    bad["state"]["head.bias"]["exp_avg"] = bad["state"]["head.bias"]["exp_avg"].double()
+    with pytest.raises(ost.OptimStateError, match="'head.bias': state 'exp_avg' is torch.float64, the parameter torch.float32"):
+        ost.load_full_optim_state(optim, model, bad)
+
+
+def test_files_load_weights_only(tmp_path):
+    model, optim = _plain_trained()
+    path = tmp_path / "optim.0.pt"
+    shard = ost.optim_state_shard(optim, model)
+    shard["param_groups"][0]["evil"] = compare  # not loadable with weights_only=True
+    torch.save(shard, path)
+    with pytest.raises(Exception, match="weights_only|Weights only"):
+        ost.load_optim_state_shards(optim, model, [path])
