@@ -170,10 +170,11 @@ class PerDevice:
         return self._copies.setdefault(device, copy)
 
 
-def group_by_device_and_dtype(tensorlists: list[list[Tensor]]):
+def group_by_device_and_dtype(tensorlists: list[list[Tensor]], with_indices: bool = True):
     """{(device, dtype): (tensorlists, indices)} — torch's own grouping, so foreach batches
-    match torch.optim's exactly."""
-    return torch._C._group_tensors_by_device_and_dtype(tensorlists, True)
+    match torch.optim's exactly. torch.optim asks for indices only in SGD; the flag is also
+    part of the TypeError a malformed list gets."""
+    return torch._C._group_tensors_by_device_and_dtype(tensorlists, with_indices)
 
 
 def scalar_dtype(is_fused: bool | None = None) -> torch.dtype:

@@ -121,7 +121,8 @@ def _multi_tensor_asgd(
 
     lr = to_scalar(lr)
 
-    groups = group_by_device_and_dtype([params, grads, axs, mus, etas, state_steps])
+    groups = group_by_device_and_dtype([params, grads, axs, mus, etas, state_steps],
+                                       with_indices=False)
     for (device, _), ((g_params, g_grads, g_axs, g_mus, g_etas, g_steps), _) in groups.items():
         if has_complex:
             view_complex_as_real(g_params, g_grads, g_axs)

@@ -136,7 +136,7 @@ def _multi_tensor_nadam(
     lr = to_scalar(lr)
 
     groups = group_by_device_and_dtype(
-        [params, grads, exp_avgs, exp_avg_sqs, mu_products, state_steps]
+        [params, grads, exp_avgs, exp_avg_sqs, mu_products, state_steps], with_indices=False
     )
     for (g_params, g_grads, g_m, g_v, g_mu_products, g_steps), _ in groups.values():
         if has_complex:

@@ -133,7 +133,8 @@ def _multi_tensor_radam(
 
     lr = to_scalar(lr)
 
-    groups = group_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, state_steps])
+    groups = group_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, state_steps],
+                                       with_indices=False)
     for (g_params, g_grads, g_m, g_v, g_steps), _ in groups.values():
         # Here the step is counted before the real views are taken.
         increment_steps(g_steps)
