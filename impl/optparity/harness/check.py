@@ -125,7 +125,10 @@ def prepare(candidate: Any, reference: Any = None, *, algorithm: str | None = No
         raise UsageError(f"--steps must be at least 1, got {steps}")
     if algorithm is not None and algorithm not in ALGORITHMS:
         raise UsageError(f"unknown --algorithm {algorithm!r}; known: {', '.join(ALGORITHMS)}")
-    levels.level(level)  # a clear error for an unknown level before anything is loaded
+    try:
+        levels.level(level)  # before anything is loaded
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     cand = _subject(candidate, algorithm, "--candidate")
     if reference is None:
         if cand.algorithm is None:
@@ -329,18 +332,13 @@ class _Worker:
             self.conn.close()
 
 
-def _hung(case, step: int, timeout: float) -> CaseResult:
-    where = "while building the optimizers" if step == 0 else f"in step {step}"
-    return CaseResult(case, runner.Verdict.HUNG, steps_run=max(step - 1, 0), hung_step=step,
-                      message=f"hung {where}: no result after {timeout:g} s (--timeout); its worker was killed")
-
-
-def _crashed(case, step: int, exitcode: int | None) -> CaseResult:
+def _crashed(case, step: int, exitcode: int | None, seconds: float) -> CaseResult:
+    """A worker that died under a case (a segfault in a candidate's extension, the OOM killer)."""
     how = (f"killed by signal {signal.Signals(-exitcode).name}" if exitcode is not None and exitcode < 0
            else f"exit code {exitcode}")
-    where = "while building the optimizers" if step == 0 else f"in step {step}"
-    return CaseResult(case, "fail", steps_run=max(step - 1, 0),
-                      message=f"the worker process running this case died {where} ({how})")
+    where = f"step {step}" if step else "construction"
+    return CaseResult(case, Verdict.ERROR_ONE_SIDE, steps_run=max(step - 1, 0), seconds=seconds,
+                      message=f"the worker process running this case died in {where} ({how})")
 
 
 def _run_pool(plan, report, n, threads, timeout, fail_fast, progress) -> None:
