@@ -89,5 +89,5 @@ def test_signature_and_defaults_match_torch(algo):
     theirs = inspect.signature(getattr(torch.optim, algo))
     assert [(n, p.kind, p.default) for n, p in ours.parameters.items()] == \
            [(n, p.kind, p.default) for n, p in theirs.parameters.items()]
-    p = torch.randn(2, requires_grad=True)
+    p = torch.randn(2, 2, requires_grad=True)  # 2-D: Muon takes nothing else
     assert getattr(optparity.optim, algo)([p]).defaults == getattr(torch.optim, algo)([p]).defaults

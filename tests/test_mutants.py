@@ -33,8 +33,10 @@ def test_mutant_is_caught(mutant):
 @pytest.mark.parametrize("mutant", [m for m in MUTANTS if m.kind == "option"], ids=lambda m: m.name)
 def test_option_mutant_hides_without_its_option(mutant):
     # The point of these mutants: they only show under one option, so the matrix must contain it.
-    cases = [c for c in matrix.build_cases([mutant.algorithm], ("forloop", "foreach"), (torch.float32,), ("mixed",))
-             if not _option_on(c, mutant.shows_under)]
+    # the default path where the class takes no foreach flag (Muon, SparseAdam)
+    cases = (matrix.build_cases([mutant.algorithm], ("forloop", "foreach"), (torch.float32,), ("mixed",))
+             or matrix.build_cases([mutant.algorithm], ("default",), (torch.float32,), ("mixed",)))
+    cases = [c for c in cases if not _option_on(c, mutant.shows_under)]
     report = check(mutant.build(), f"torch.optim:{mutant.algorithm}", algorithm=mutant.algorithm, cases=cases)
     assert report.ok, report.first_failure.message
 

@@ -8,6 +8,7 @@ configurations are all here.
 """
 from __future__ import annotations
 
+import inspect
 import itertools
 import zlib
 from dataclasses import dataclass, field
@@ -18,8 +19,9 @@ from optparity.harness.algorithms import ALGORITHMS, FUSED_ON_CPU, spec
 
 # "default" passes neither foreach nor fused: the optimizer's own choice must match torch's.
 PATHS = ("forloop", "foreach", "fused", "default")
-# "added_group" is "groups" with the second group given to add_param_group after construction.
-PARAM_SETS = ("mixed", "groups", "added_group", "complex")
+# "added_group" is "groups" with the second group given to add_param_group after construction;
+# "sparse" (sparse gradients) only for the algorithms that take them (harness/params.py).
+PARAM_SETS = ("mixed", "groups", "added_group", "complex", "sparse")
 DTYPES = (torch.float32, torch.float64)
 STEPS = 12
 # A fresh optimizer is rebuilt from its own state_dict after RELOAD_OWN steps, and the candidate
@@ -70,13 +72,43 @@ class Case:
                 "default": {}}[self.path]
 
 
+def param_sets_for(algo: str, param_sets) -> list[str]:
+    """The requested sets as `algo` is fed (its description's kind): a "matrix" algorithm gets
+    their 2-D forms, a "sparse" one their sparse-gradient forms; sets it cannot take are dropped."""
+    s = spec(algo)
+    prefix = {"matrix": "matrix", "sparse": "sparse_grads"}.get(s.kind)
+    out = []
+    for name in param_sets:
+        if prefix is not None:
+            if s.kind == "matrix" and name == "sparse":
+                continue
+            name = {"mixed": prefix, "sparse": prefix, "groups": f"{prefix}_groups",
+                    "added_group": f"{prefix}_added_group"}.get(name)
+        elif (name == "complex" and not s.complex) or (name == "sparse" and not s.sparse_grads):
+            continue
+        if name is not None and name not in out:
+            out.append(name)
+    return out
+
+
+def _runs(algo: str, path: str, dtype: torch.dtype) -> bool:
+    """Does `algo` have this path and dtype? A path whose flag torch's class does not take
+    (Muon and SparseAdam have no foreach) is left out rather than run to a TypeError."""
+    s = spec(algo)
+    if (path == "fused" and algo not in FUSED_ON_CPU) or (path == "foreach" and not s.foreach):
+        return False
+    if path in ("forloop", "foreach") and "foreach" not in inspect.signature(s.torch_class()).parameters:
+        return False
+    return s.low_precision or dtype not in (torch.float16, torch.bfloat16)
+
+
 def build_cases(algorithms=ALGORITHMS, paths=PATHS, dtypes=DTYPES, param_sets=PARAM_SETS,
                 steps: int = STEPS) -> list[Case]:
     cases = []
     for algo in algorithms:
         for index, config in enumerate(configs(algo)):
-            for path, dtype, pset in itertools.product(paths, dtypes, param_sets):
-                if path == "fused" and algo not in FUSED_ON_CPU:
+            for path, dtype, pset in itertools.product(paths, dtypes, param_sets_for(algo, param_sets)):
+                if not _runs(algo, path, dtype):
                     continue
                 case = Case(algo, config, path, dtype, pset, steps=steps, config_index=index,
                             second_group=spec(algo).second_group)

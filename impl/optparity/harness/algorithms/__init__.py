@@ -43,7 +43,7 @@ def canonical_name(name: str) -> str | None:
         if key.startswith(prefix):
             key = key[len(prefix):]
     for algo in ALGORITHMS:
-        if algo.lower() == key:
+        if algo.lower() in (key, key.replace("_", "")):  # torch's kernel is sparse_adam
             return algo
     return None
 
