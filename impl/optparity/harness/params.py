@@ -6,6 +6,7 @@ a gradient (sign-sensitive algorithms such as Rprop care)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -18,6 +19,8 @@ class ParamSet:
     names: list[str]
     groups: list[tuple[list[int], dict]]  # (param indices, hyperparameter overrides)
     add_later: bool = False  # groups after the first go to add_param_group, not the constructor
+    # Edge-condition sets (harness/params.py, below) make their own gradients: (seed, step) -> grads.
+    grad_maker: Callable[[int, int], list] | None = None
 
 
 def _randn(gen: torch.Generator, shape, dtype: torch.dtype) -> Tensor:
@@ -34,6 +37,8 @@ def _complex_of(dtype: torch.dtype) -> torch.dtype:
 
 def make_params(param_set: str, dtype: torch.dtype, seed: int, second_group: dict,
                 differentiable: bool = False) -> ParamSet:
+    if param_set in EDGE_SETS:
+        return EDGE_SETS[param_set](dtype, seed, differentiable)
     gen = torch.Generator().manual_seed(seed)
     cdtype = _complex_of(dtype) if param_set == "complex" else dtype
     scalar = _randn(gen, (), dtype)
@@ -112,10 +117,10 @@ def _sparse_grad(name: str, g: Tensor, step: int) -> Tensor:
     return torch.sparse_coo_tensor(indices, values, g.shape, check_invariants=True)
 
 
-
-
 def make_grads(pset: ParamSet, seed: int, step: int) -> list[Tensor | None]:
     """Gradients for `step` (1-based), the same for every optimizer of a case."""
+    if pset.grad_maker is not None:
+        return pset.grad_maker(seed, step)
     gen = torch.Generator().manual_seed(seed * 1009 + step)
     grads: list[Tensor | None] = []
     for name, p in zip(pset.names, pset.params):
@@ -134,3 +139,167 @@ def make_grads(pset: ParamSet, seed: int, step: int) -> list[Tensor | None]:
             g = _sparse_grad(name, g, step)
         grads.append(g)
     return grads
+
+
+# --- Edge-condition sets (harness/matrix.py's axes; the README's case matrix says which case
+# covers which condition). Each builds its own gradients, drawn per (seed, step) like the rest.
+
+CHUNK = 65536  # elements per chunk of torch's chunked multi-tensor kernels
+GRAIN = 32768  # torch's intra-op grain size: below it a kernel runs on one thread
+# Lengths straddling every SIMD tail width (8 and 16 lanes) at several remainders, each above 64
+# so that no other set holds such a tail after a full vector.
+TAIL_LENGTHS = (65, 66, 67, 68, 70, 71, 73, 76, 79, 83, 90, 95, 97, 111, 127, 129, 143, 255, 257)
+MANY = 150  # tensors in one group: more than one CUDA multi-tensor launch holds (110 at most)
+SMALL = 64  # largest tensor of the non-size edge sets
+
+
+def _finish(tensors: list[Tensor], names: list[str], differentiable: bool, grad_maker,
+            trainable=lambda name: True) -> ParamSet:
+    leaves, params = [], []
+    for name, t in zip(names, tensors):
+        if differentiable and trainable(name):
+            leaf = t.detach().requires_grad_(True)
+            param = leaf.clone(memory_format=torch.preserve_format)
+            param.retain_grad()
+            leaves.append(leaf)
+            params.append(param)
+        else:
+            t.requires_grad_(trainable(name))
+            leaves.append(t)
+            params.append(t)
+    pset = ParamSet(params, leaves, names, [(list(range(len(params))), {})])
+    pset.grad_maker = lambda seed, step: grad_maker(pset, seed, step)
+    return pset
+
+
+def _like(p: Tensor, g: Tensor) -> Tensor:
+    """`g` laid out with p's strides (what autograd's AccumulateGrad gives a dense parameter)."""
+    return torch.empty_like(p).copy_(g)
+
+
+def _plain_grads(pset: ParamSet, seed: int, step: int) -> list[Tensor | None]:
+    gen = torch.Generator().manual_seed(seed * 1009 + step)
+    return [None if not p.requires_grad else _like(p, _randn(gen, p.shape, p.dtype)) for p in pset.params]
+
+
+def _sizes(dtype, seed, differentiable, big=(2 * CHUNK + 37,)):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(n,) for n in TAIL_LENGTHS] + [(n,) for n in big]
+    names = [f"len{n}" for n in TAIL_LENGTHS] + [f"len{n}" for n in big]
+    return _finish([_randn(gen, s, dtype) for s in shapes], names, differentiable, _plain_grads)
+
+
+def _sizes_full(dtype, seed, differentiable):
+    # 2^20 + 3 elements (16 chunks and a tail), and a 2-D one whose rows are not a vector multiple.
+    pset = _sizes(dtype, seed, differentiable, big=(2 * CHUNK + 37, (1 << 20) + 3))
+    gen = torch.Generator().manual_seed(seed + 1)
+    extra = _randn(gen, (1031, 129), dtype).requires_grad_(True)
+    pset.params.append(extra)
+    pset.leaves.append(extra)
+    pset.names.append("rows1031x129")
+    pset.groups = [(list(range(len(pset.params))), {})]
+    return pset
+
+
+def _many(dtype, seed, differentiable, count=MANY):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [((1 + (7 * i) % 23),) if i % 5 else (2, 1 + i % 4) for i in range(count)]
+    return _finish([_randn(gen, s, dtype) for s in shapes], [f"t{i}" for i in range(count)], differentiable,
+                   _plain_grads)
+
+
+def _layouts(dtype, seed, differentiable):
+    gen = torch.Generator().manual_seed(seed)
+    cl = torch.channels_last
+    tensors = {
+        "channels_last": _randn(gen, (2, 2, 3, 5), dtype).contiguous(memory_format=cl),
+        "channels_last_grad_contiguous": _randn(gen, (2, 3, 2, 5), dtype).contiguous(memory_format=cl),
+        "contiguous_grad_channels_last": _randn(gen, (2, 3, 2, 5), dtype),
+        "transposed": _randn(gen, (5, 7), dtype).t(),
+        "transposed_grad_contiguous": _randn(gen, (7, 5), dtype).t(),
+        "contiguous_grad_transposed": _randn(gen, (6, 5), dtype),
+        "gapped_3d": _randn(gen, (3, 9, 2), dtype)[:, 1::3, :],
+        "storage_offset": _randn(gen, (50,), dtype)[9:],
+    }
+
+    def grads(pset, seed, step):
+        g_gen = torch.Generator().manual_seed(seed * 1009 + step)
+        out = []
+        for name, p in zip(pset.names, pset.params):
+            g = _randn(g_gen, p.shape, p.dtype)
+            if name in ("channels_last", "transposed", "storage_offset"):
+                g = _like(p, g)  # same strides as the parameter
+            elif name == "contiguous_grad_channels_last":
+                g = g.contiguous(memory_format=cl)
+            elif name == "contiguous_grad_transposed":
+                g = g.t().contiguous().t()  # same shape, column-major
+            out.append(g)  # the rest: contiguous, so their strides differ from the parameter's
+        return out
+
+    return _finish(list(tensors.values()), list(tensors), differentiable, grads)
+
+
+def _special(dtype) -> dict[str, float]:
+    fi = torch.finfo(dtype)
+    return {"tiny": fi.tiny, "subnormal": fi.tiny * 2 ** -3, "huge": fi.max / 4, "sqrt_max": fi.max ** 0.5,
+            "sqrt_tiny": fi.tiny ** 0.5}
+
+
+def _values(dtype, seed, differentiable):
+    """NaN, +-inf, subnormals, -0.0, exact zeros, huge and tiny magnitudes: in gradients, and in
+    parameters and state where a step takes them there (huge grads overflow squared state)."""
+    gen = torch.Generator().manual_seed(seed)
+    sp = _special(torch.float64 if dtype.is_complex else dtype)
+    n = 20
+    base = {name: _randn(gen, (n,), dtype) for name in
+            ("nan_grad", "inf_grad", "subnormal_grad", "signed_zeros", "huge_grad", "tiny_grad", "huge_param")}
+    base["subnormal_grad"] = base["subnormal_grad"].mul(sp["subnormal"]).to(dtype)  # params subnormal too
+    base["signed_zeros"] = torch.tensor([0.0, -0.0] * (n // 2), dtype=dtype)
+    base["huge_param"] = (base["huge_param"].double().sign() * sp["huge"]).to(dtype)
+
+    def grads(pset, seed, step):
+        g_gen = torch.Generator().manual_seed(seed * 1009 + step)
+        out = []
+        for name, p in zip(pset.names, pset.params):
+            g = torch.randn(p.shape, generator=g_gen, dtype=torch.float64)
+            if name == "nan_grad" and step % 5 == 3:
+                g[step % n] = float("nan")
+            elif name == "inf_grad" and step % 4 == 2:
+                g[1], g[n - 2] = float("inf"), float("-inf")
+            elif name == "subnormal_grad":
+                g = g * sp["subnormal"]
+            elif name == "signed_zeros":
+                g = torch.tensor([0.0, -0.0, -0.0, 0.0] * (n // 4), dtype=torch.float64)
+                if step % 2:
+                    g = -g
+                g[step % n] = 1e-3 * step  # one moving nonzero keeps the state interesting
+            elif name == "huge_grad":
+                g = g.sign() * sp["sqrt_max"] * 64  # squares overflow to inf, even times (1 - beta2)
+            elif name == "tiny_grad":
+                g = g * sp["sqrt_tiny"] * 0.5  # squares underflow into subnormals and zero
+            out.append(g.to(p.dtype))
+        return out
+
+    return _finish(list(base.values()), list(base), differentiable, grads)
+
+
+def _dtype_mix(dtype, seed, differentiable):
+    """One group holding float32, float64, bfloat16 and float16 tensors (`dtype` picks which
+    low-precision ones: float64 for an algorithm without them)."""
+    gen = torch.Generator().manual_seed(seed)
+    kinds = [("f32", torch.float32, (7,)), ("f64", torch.float64, (5, 3)), ("bf16", torch.bfloat16, (19,)),
+             ("f16", torch.float16, (33,)), ("f32_gapped", torch.float32, (4, 8)), ("bf16_0d", torch.bfloat16, ())]
+    if dtype == torch.float64:
+        kinds = [k for k in kinds if k[1] in (torch.float32, torch.float64)]
+    tensors = [_randn(gen, shape, dt) for _, dt, shape in kinds]
+    for i, (name, _, _) in enumerate(kinds):
+        if name == "f32_gapped":
+            tensors[i] = tensors[i][:, ::2]
+    return _finish(tensors, [k[0] for k in kinds], differentiable, _plain_grads)
+
+
+EDGE_SETS: dict[str, Callable[..., ParamSet]] = {
+    "sizes": _sizes, "sizes_full": _sizes_full, "many": _many,
+    "many_full": lambda dtype, seed, diff: _many(dtype, seed, diff, count=3 * MANY),
+    "layouts": _layouts, "values": _values, "dtype_mix": _dtype_mix,
+}
