@@ -139,6 +139,9 @@ def _add_check(sub) -> None:
                    help="tolerance mode: numeric differences of at most N ULPs pass as 'within tolerance' "
                         "(reported as such; default: bit for bit)")
     p.add_argument("--html", metavar="DIR", help="write an HTML report (grid by verdict, error plots) into DIR")
+    p.add_argument("--golden", nargs="?", const="", metavar="DIR",
+                   help="check against recorded fingerprints in DIR (default reference/golden) instead of running "
+                        "the reference; exit 2 when they cannot be compared (harness/golden.py)")
     p.set_defaults(func=_run_check)
 
 
@@ -253,6 +256,9 @@ def _run_check(args) -> int:
         return 2
 
     pairs = _all_candidates() if args.all else [(args.candidate, args.reference)]
+    if args.golden is not None:
+        from optparity.harness.golden import refuse_with_golden, run_golden_check
+        return refuse_with_golden(args) or run_golden_check(args, pairs)
     options = dict(algorithm=args.algorithm, level=args.level, paths=args.paths,
                    dtypes=[_DTYPES[d] for d in args.dtypes] if args.dtypes else None,
                    param_sets=args.param_sets, steps=args.steps, hyper=dict(args.hyper),
@@ -364,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_check(sub)
     _add_selftest(sub)
+    from optparity.harness import characterize, golden
+    golden.add_parsers(sub, _csv, _positive_int)  # `reference record` / `reference check`
+    characterize.add_parser(sub, _csv, _positive_int)  # `characterize`
     from optparity.bench.cli import add_parsers as add_bench_and_report_parsers
     add_bench_and_report_parsers(sub)  # `bench` and `report`, each setting func like _add_check
     return parser

@@ -1,0 +1,160 @@
+"""Golden fingerprints: recorded from torch.optim, deterministic, and checked so that a changed
+fingerprint is drift (exit 1, case, step and tensor named) while a recording from another CPU
+capability or matrix version cannot be compared (exit 2), never drift."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from optparity.cli import main
+from optparity.harness import golden, matrix
+from optparity.harness.mutants import by_name
+
+
+def _cases(algo, configs=None):
+    cases = matrix.build_cases([algo], ("forloop",), (torch.float32,), ("mixed",))
+    base = [c for c in cases if (getattr(c, "axis", None) or "base") == "base"]  # no edge-condition cases
+    return [c for c in base if configs is None or c.config_index in configs]
+
+
+def _record(out, algo="SGD", configs=None, env=None):
+    return golden.record(out, [algo], cases_for=lambda a: _cases(a, configs), functional=False, env=env,
+                         workers=1)
+
+
+@pytest.fixture(scope="module")
+def sgd_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("golden")
+    _record(out, "SGD", configs={0, 4, 8})  # defaults, momentum, nesterov + weight decay
+    return out
+
+
+def test_record_is_deterministic_and_readable(sgd_dir, tmp_path):
+    _record(tmp_path, "SGD", configs={0, 4, 8})
+    first, again = (sgd_dir / "SGD.txt").read_text(), (tmp_path / "SGD.txt").read_text()
+    assert first == again
+    g = golden.read_golden(sgd_dir / "SGD.txt")
+    assert g.reference == "torch.optim:SGD" and g.env == golden.environment()
+    assert len(g.cases) == 3 and all(len(c.steps) == matrix.STEPS + 1 for c in g.cases.values())
+    momentum = next(c for c in g.cases.values() if "momentum=0.9" in c.case_id)
+    assert "matrix.momentum_buffer" in momentum.entries and "loss" in momentum.entries
+
+
+def test_fingerprint_sees_bits_not_strides():
+    x = torch.randn(4, 6)
+    assert golden.digest(x[:, ::2]) == golden.digest(x[:, ::2].contiguous())
+    assert golden.digest(torch.tensor([0.0])) != golden.digest(torch.tensor([-0.0]))
+    assert golden.digest(x) != golden.digest(x.double()) and golden.digest(x) != golden.digest(x.reshape(6, 4))
+    nan_a = torch.tensor([float("nan")])
+    nan_b = torch.tensor([-0x3FFFFF], dtype=torch.int32).view(torch.float32)  # another NaN payload, sign set
+    assert torch.isnan(nan_b).all() and golden.digest(nan_a) == golden.digest(nan_b)
+
+
+def test_optparity_matches_the_goldens(sgd_dir):
+    for candidate in ("optparity.optim:SGD", "optparity.functional:sgd"):
+        report = golden.check_against(candidate, sgd_dir)
+        assert report.exit_code == 0, report.format_text()
+        assert report.checked == report.matched == 3
+
+
+def test_a_planted_bug_is_drift_naming_case_step_and_tensor(sgd_dir):
+    report = golden.check_against(by_name("sgd_nesterov_swapped").build(), sgd_dir, "torch.optim:SGD")
+    assert report.exit_code == 1
+    (drift,) = report.drift
+    assert "nesterov=True" in drift.case_id and drift.step == 2  # step 1: the buffer is the gradient
+    assert "matrix" in drift.tensors and "matrix.momentum_buffer" not in drift.tensors
+
+
+def _alter(path, case_id, step, entry_index=None, new_error=None):
+    lines = path.read_text().splitlines()
+    at = lines.index(f"case {case_id}")
+    for i in range(at + 1, len(lines)):
+        parts = lines[i].split(" ")
+        if lines[i].startswith(f"  {step} "):
+            if new_error is not None:
+                lines[i] = " ".join(parts[:4]) + f' raised "{new_error}"'
+            else:
+                parts[4] = "0" * len(parts[4])  # the step digest
+                short = parts[5]
+                j = 2 * entry_index
+                parts[5] = short[:j] + ("00" if short[j:j + 2] != "00" else "11") + short[j + 2:]
+                lines[i] = " ".join(parts)
+            break
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_altered_line_is_drift_in_the_cli(sgd_dir, tmp_path, capsys):
+    (tmp_path / "SGD.txt").write_text((sgd_dir / "SGD.txt").read_text())
+    g = golden.read_golden(tmp_path / "SGD.txt")
+    case_id = sorted(g.cases)[1]
+    entry = g.cases[case_id].entries.index("grad_with_zeros")
+    _alter(tmp_path / "SGD.txt", case_id, 5, entry)
+    code = main(["check", "--candidate", "optparity.optim:SGD", "--golden", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert f"DRIFT {case_id}: step 5: differs: grad_with_zeros" in out
+    assert "1 drift" in out
+
+
+def test_other_cpu_capability_cannot_be_compared(tmp_path, capsys):
+    fake = {**golden.environment(), "cpu_capability": "AVX512_FAKE"}
+    _record(tmp_path, "SGD", configs={0}, env=fake)
+    report = golden.check_against("optparity.optim:SGD", tmp_path)
+    assert report.exit_code == 2 and not report.drift and report.checked == 0
+    assert "cpu_capability 'AVX512_FAKE'" in report.incomparable[0] and "not drift" in report.incomparable[0]
+    assert main(["reference", "check", "--candidate", "optparity.optim:SGD", "--golden", str(tmp_path)]) == 2
+    assert "CANNOT COMPARE" in capsys.readouterr().out
+
+
+def test_header_edited_to_another_platform_cannot_be_compared(sgd_dir, tmp_path):
+    text = (sgd_dir / "SGD.txt").read_text()
+    (tmp_path / "SGD.txt").write_text(re.sub(r"^platform .*$", "platform Darwin-arm64", text, flags=re.M))
+    report = golden.check_against("optparity.optim:SGD", tmp_path)
+    assert report.exit_code == 2 and "platform 'Darwin-arm64'" in report.incomparable[0]
+
+
+def test_unknown_case_ids_cannot_be_compared(sgd_dir, tmp_path):
+    text = (sgd_dir / "SGD.txt").read_text()
+    first = sorted(golden.read_golden(sgd_dir / "SGD.txt").cases)[0]
+    (tmp_path / "SGD.txt").write_text(text.replace(f"case {first}\n", f"case {first}_from_a_newer_matrix\n"))
+    report = golden.check_against("optparity.optim:SGD", tmp_path)
+    assert report.exit_code == 2 and not report.drift and report.matched == 2
+    assert "unknown to this version of the case matrix" in report.incomparable[0]
+
+
+def test_errors_are_fingerprints(tmp_path):
+    capturable = next(c.config_index for c in _cases("Adam") if c.config.get("capturable"))
+    _record(tmp_path, "Adam", configs={0, capturable})
+    g = golden.read_golden(tmp_path / "Adam.txt")
+    case_id = next(cid for cid in g.cases if "capturable" in cid)
+    step, _, what, text = g.cases[case_id].steps[-1]  # torch refuses capturable on CPU at the first step
+    assert (step, what) == (1, "raised") and "capturable=True" in text
+    assert golden.check_against("optparity.optim:Adam", tmp_path).exit_code == 0
+    _alter(tmp_path / "Adam.txt", case_id, 1, new_error="AssertionError: another message")
+    report = golden.check_against("optparity.optim:Adam", tmp_path)
+    assert report.exit_code == 1 and report.drift[0].case_id == case_id and report.drift[0].step == 1
+    assert "another message" in report.drift[0].message
+
+
+def test_malformed_file_is_a_clear_error(tmp_path):
+    (tmp_path / "SGD.txt").write_text("reference torch.optim:SGD\ncase X\n  1 2\n")
+    report = golden.check_against("optparity.optim:SGD", tmp_path)
+    assert report.exit_code == 2 and "SGD.txt:3" in report.incomparable[0]
+
+
+def test_check_refuses_options_that_mean_nothing_against_goldens(sgd_dir, capsys):
+    assert main(["check", "--candidate", "optparity.optim:SGD", "--golden", str(sgd_dir), "--max-ulp", "2"]) == 2
+    assert "--max-ulp cannot be used with --golden" in capsys.readouterr().err
+
+
+def test_record_command(tmp_path, capsys):
+    code = main(["reference", "record", "--out", str(tmp_path), "--algorithms", "Rprop", "--paths", "forloop",
+                 "--dtypes", "float64", "--param-sets", "groups", "--steps", "3", "-n", "1"])
+    assert code == 0 and {p.name for p in tmp_path.iterdir()} == {"Rprop.txt", "FunctionalRprop.txt"}
+    g = golden.read_golden(tmp_path / "FunctionalRprop.txt")
+    base = [c for c in g.cases.values() if c.case_id.endswith("]")]  # edge-condition ids carry a suffix
+    assert g.reference.endswith(":_FunctionalRprop") and base and all(c.n_steps == 3 for c in base)
+    assert main(["check", "--candidate", "optparity.distributed:FunctionalRprop", "--reference", g.reference,
+                 "--golden", str(tmp_path)]) == 0
