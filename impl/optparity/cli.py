@@ -179,7 +179,7 @@ class _Progress:
 
 
 def _is_hung(result) -> bool:
-    return result.message.startswith(("hung ", "the worker process running this case died"))
+    return result.verdict == "hung" or result.message.startswith("the worker process running this case died")
 
 
 class _Outputs:
@@ -234,11 +234,12 @@ class _Outputs:
 
 
 def _print_tracebacks(report) -> None:
-    """The candidate's own traceback for the first error of each kind (exception type)."""
+    """The candidate's own traceback for the first error of each kind (exception type), in the
+    cases that fail (an error both sides raise is torch's contract, not news)."""
     seen = set()
     for r in report.results:
         tb = getattr(r, "traceback", None)
-        if not tb:
+        if not tb or r.status != "fail":
             continue
         kind = tb.strip().splitlines()[-1].split(":")[0]
         if kind in seen:

@@ -44,12 +44,13 @@ class Level:
 
 
 def _first_per_axis(cases: list) -> list:
-    seen, out = set(), []
+    """The first cheap case of each axis (the first case when the axis has no cheap one)."""
+    chosen: dict[str, object] = {}
     for c in cases:
-        if axis_of(c) not in seen:
-            seen.add(axis_of(c))
-            out.append(c)
-    return out
+        axis = axis_of(c)
+        if axis not in chosen or (cost_of(chosen[axis]) == "expensive" and cost_of(c) != "expensive"):
+            chosen[axis] = c
+    return list(chosen.values())
 
 
 LEVELS: dict[str, Level] = {
