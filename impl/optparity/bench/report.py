@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 from pathlib import Path
 
 import matplotlib
@@ -353,6 +354,10 @@ def write_report(run_dir: Path, samples: pd.DataFrame, memory: pd.DataFrame | No
             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:12px}"
             "td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}</style></head><body>",
             "<h1>optparity bench</h1>"]
+    numerics = Path(__file__).resolve().parents[3] / "reports" / "numerics" / "index.html"
+    if numerics.is_file():  # `optparity characterize`: how far apart torch's own paths are
+        page.append(f"<p>See also: <a href='{html.escape(os.path.relpath(numerics, run_dir.resolve()))}'>"
+                    "numerics map of torch.optim's paths</a></p>")
     for title, table in sections:
         md += [f"## {title}", "", table.to_markdown(index=False) if not table.empty else "(none)", ""]
         page += [f"<h2>{html.escape(title)}</h2>", table.to_html(index=False) if not table.empty else "<p>(none)</p>"]

@@ -310,8 +310,7 @@ def heat_map(table: pd.DataFrame, path: Path) -> Path:
             values[i, j] = np.log10(1 + float(r["max_ulp"]))
             labels[i][j] = "=" if r["identical"] else f"{int(r['max_ulp'])}"
     fig, ax = plt.subplots(figsize=(max(8, 0.55 * len(cols) + 3), max(4, 0.28 * len(rows) + 2)))
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("#dddddd")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")
     im = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, aspect="auto", vmin=0)
     ax.set_xticks(range(len(cols)), cols, rotation=90, fontsize=7)
     ax.set_yticks(range(len(rows)), rows, fontsize=7)
