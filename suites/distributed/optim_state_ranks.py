@@ -248,8 +248,8 @@ def fsdp_against_upstream(rank, ws, flavour, algo):
     plain = build_plain()
     popt = make_optim(plain, "plain", algo)
     train(plain, popt, range(3))
-    out.append(("full vs single process", ost.full_optim_state_dict(model, optim, rank0_only=False),
-                ost.to_fqn_keyed(popt.state_dict(), plain, popt)))
+    out.append(("full vs single process", normalise(ost.full_optim_state_dict(model, optim, rank0_only=False)),
+                normalise(ost.to_fqn_keyed(popt.state_dict(), plain, popt))))
     # loading: both sides take the same (correct) full dict
     full = ost.full_optim_state_dict(model, optim, rank0_only=False)
     frozen_full = _clone_tree(full)

@@ -520,8 +520,15 @@ def _full_as_shard(full: dict, slots: list[_Slot], algo: str) -> dict:
         if not st:
             continue
         kinds[fqn], state[fqn] = {}, {}
+        dt = next((v for v in st.values() if _is_dtensor(v) and v.dim() > 0), None)
+        if dt is not None:  # a sharded (DTensor) dict: this rank's rows only
+            start = _dtensor_start(dt, fqn)
+            params[fqn].update(start=start, end=start + dt.to_local().numel())
         for k, v in st.items():
             if torch.is_tensor(v):
+                if _is_dtensor(v) and v.dim() > 0 and tuple(v.shape) == tuple(shape):
+                    kinds[fqn][k], state[fqn][k] = "elem", v.to_local().reshape(-1)
+                    continue
                 v = _local(v)
                 if v.dim() == 0 and not (len(shape) == 0 and k != "step"):
                     kinds[fqn][k], state[fqn][k] = "scalar", v
@@ -748,7 +755,10 @@ def full_optim_state_dict(model: nn.Module, optim, rank0_only: bool = True, grou
     for fqn in order:
         entries = merged[fqn]
         entry = {}
-        keys = sorted(e[0] for e in entries) if not use_orig else [e[0] for e in entries]
+        # without use_orig_params upstream lists the element-wise state first, then the rest
+        rank_of = {"elem": 0, "scalar": 1, "object": 2}
+        keys = ([e[0] for e in sorted(entries, key=lambda e: rank_of[e[1]])] if not use_orig
+                else [e[0] for e in entries])
         by_key = {e[0]: e for e in entries}
         for k in keys:
             _, kind, meta = by_key[k]
@@ -761,8 +771,7 @@ def full_optim_state_dict(model: nn.Module, optim, rank0_only: bool = True, grou
         out_state[fqn] = entry
     groups = []
     for g in optim.param_groups:
-        gg = copy.deepcopy({k: v for k, v in g.items() if k != "params"})
-        gg = {k: (gg[k] if k != "params" else None) for k in g}
+        gg = copy.deepcopy({k: v for k, v in g.items() if k != "params"})  # params last, as state_dict()
         gg["params"] = [f for p in g["params"] for f in by_param[p].fqns]
         groups.append(gg)
     return {"state": out_state, "param_groups": groups}
@@ -792,7 +801,13 @@ def _flattened_local(full: dict, model, optim) -> dict:
     for g in optim.param_groups:
         for p in g["params"]:
             ids[p] = len(ids)
-    state = {ids[s.param]: _build(s, plan[s.param], pieces) for s in slots if s.param in plan}
+    state = {}
+    for s in slots:
+        if s.param in plan:
+            built = _build(s, plan[s.param], pieces)
+            if s.kind == "flat":  # upstream walks a set of the state names: same order here
+                built = {k: built[k] for k in set(plan[s.param][0])}
+            state[ids[s.param]] = built
     out_groups = []
     for saved, g in zip(groups, optim.param_groups):
         gg = copy.deepcopy({k: v for k, v in saved.items() if k != "params"})
