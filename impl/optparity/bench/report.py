@@ -358,6 +358,11 @@ def write_report(run_dir: Path, samples: pd.DataFrame, memory: pd.DataFrame | No
     if numerics.is_file():  # `optparity characterize`: how far apart torch's own paths are
         page.append(f"<p>See also: <a href='{html.escape(os.path.relpath(numerics, run_dir.resolve()))}'>"
                     "numerics map of torch.optim's paths</a></p>")
+    for check_page in sorted((Path(__file__).resolve().parents[3] / "reports" / "check").glob("**/*.html")):
+        # `optparity check --html reports/check/...`: the conformance verdicts next to the timings
+        rel = os.path.relpath(check_page, run_dir.resolve())
+        page.append(f"<p>Conformance: <a href='{html.escape(rel)}'>optparity check report "
+                    f"{html.escape(str(check_page.parent.name))}</a></p>")
     for title, table in sections:
         md += [f"## {title}", "", table.to_markdown(index=False) if not table.empty else "(none)", ""]
         page += [f"<h2>{html.escape(title)}</h2>", table.to_html(index=False) if not table.empty else "<p>(none)</p>"]
