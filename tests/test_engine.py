@@ -85,9 +85,14 @@ def test_two_workers_give_the_results_and_order_of_one():
 
 def test_fail_fast_stops_at_the_same_case_whatever_the_workers():
     mutant = by_name("adam_eps_inside_sqrt").build()
-    cases = levels.select("quick", "Adam")[:24]
+    quick = levels.select("quick", "Adam")
+    # Workers take edge-axis cases first: the later, failing ones are seen before earlier cases.
+    passing = [c for c in quick[:12] if check(mutant, "torch.optim:Adam", cases=[c]).ok][:4]
+    failing = [c for c in quick[:12] if not check(mutant, "torch.optim:Adam", cases=[c]).ok][:1]
+    cases = passing + failing + [c for c in quick if levels.axis_of(c) != "base"][:3]
     one = check(mutant, "torch.optim:Adam", cases=cases, fail_fast=True)
     two = check(mutant, "torch.optim:Adam", cases=cases, fail_fast=True, workers=2)
+    assert len(one.results) == 5
     assert _summary(two) == _summary(one)
     assert one.results[-1].status == "fail" and all(r.status != "fail" for r in one.results[:-1])
 
@@ -247,3 +252,21 @@ def test_dotted_candidate_and_default_output_directories(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "cases/s" in out.stdout
     assert json.loads((tmp_path / "reports/check/r.json").read_text())["ok"] is True
+
+
+def test_the_candidates_own_traceback_is_shown_once_per_kind(tmp_path):
+    _module(tmp_path, "boom", textwrap.dedent("""
+        import torch
+
+        def _helper_that_breaks():
+            raise RuntimeError("boom")
+
+        class SGD(torch.optim.SGD):
+            def step(self, closure=None):
+                _helper_that_breaks()
+    """))
+    out = run_cli("--candidate", "boom:SGD", "--paths", "forloop", "--dtypes", "float32", "--param-sets", "mixed",
+                  "--filter", r"/c[01]\[[^]]*\]$", "-n", "1", cwd=tmp_path, extra_path=tmp_path)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert out.stdout.count("traceback, first RuntimeError") == 1  # two failing cases, one kind
+    assert "_helper_that_breaks" in out.stdout and "RuntimeError: boom" in out.stdout

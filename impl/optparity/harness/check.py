@@ -7,6 +7,7 @@ as UsageError, before any case runs); run() runs a prepared plan; check() is bot
 from __future__ import annotations
 
 import bisect
+import collections
 import multiprocessing
 import os
 import signal
@@ -347,16 +348,20 @@ def _run_pool(plan, report, n, threads, timeout, fail_fast, progress) -> None:
     cases = plan.cases
     _PLAN = plan
     workers: list[_Worker] = []
-    next_index = 0
+    # Edge-axis cases (large tensors, long runs, several threads) are the slow ones: handing them
+    # out first keeps one of them from running alone at the end. Results still go in case order.
+    queue = collections.deque(sorted(range(len(cases)), key=lambda i: (levels.axis_of(cases[i]) == "base", i)))
     stop_at: int | None = None  # fail_fast: the first failing case seen so far
 
     def feed(w: _Worker) -> None:
-        nonlocal next_index
-        if next_index < len(cases) and stop_at is None:
-            w.give(next_index)
-            next_index += 1
-        else:
-            w.give(None)
+        # With fail_fast, every case before the first failing one still runs, so the report is
+        # the one a single in-process run gives.
+        while queue:
+            index = queue.popleft()
+            if stop_at is None or index < stop_at:
+                w.give(index)
+                return
+        w.give(None)
 
     def deliver(index: int, result: CaseResult) -> None:
         nonlocal stop_at
@@ -408,9 +413,12 @@ def _run_pool(plan, report, n, threads, timeout, fail_fast, progress) -> None:
                     continue
                 feed(w)
             if stop_at is not None:
-                for w in workers:
+                for i, w in enumerate(workers):
                     if w.index is not None and w.index > stop_at:  # a later case, not needed
                         w.kill()
+                        if any(index < stop_at for index in queue):
+                            workers[i] = _Worker(ctx, threads)
+                            feed(workers[i])
         if stop_at is not None:
             report.truncate(stop_at)
     except BaseException:
