@@ -29,6 +29,12 @@ _EXPORTS = {
     "PostLocalSGDState": "comm_hooks",
     "DistributedOptimizer": "optimizer",
     "NamedOptimizer": "named_optimizer",
+    **{n: "optim_state" for n in (
+        "OptimStateError", "optim_state_shard", "save_optim_state_shard", "load_optim_state_shards",
+        "shards_to_full", "load_full_optim_state", "full_optim_state_dict", "optim_state_dict",
+        "optim_state_dict_to_load", "shard_full_optim_state_dict", "scatter_full_optim_state_dict",
+        "rekey_optim_state_dict", "to_fqn_keyed", "to_id_keyed", "get_optimizer_state_dict",
+        "set_optimizer_state_dict")},
 }
 # Imported eagerly: the function shares its module's name, and a lazy lookup would hand out the
 # module once anything imported it (torch's package does the same).
