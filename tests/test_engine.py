@@ -270,3 +270,24 @@ def test_the_candidates_own_traceback_is_shown_once_per_kind(tmp_path):
     assert out.returncode == 1, out.stdout + out.stderr
     assert out.stdout.count("traceback, first RuntimeError") == 1  # two failing cases, one kind
     assert "_helper_that_breaks" in out.stdout and "RuntimeError: boom" in out.stdout
+
+
+def test_workers_are_not_forked_where_openmp_would_hang_them(tmp_path):
+    # A process forked after its parent ran an OpenMP parallel region hangs in its own first one;
+    # multi-threaded cases (the threads axis) must then run in-process instead of "hanging".
+    script = textwrap.dedent("""
+        import warnings, torch
+        from optparity.harness import levels
+        from optparity.harness.check import check
+        cases = [c for c in levels.select("full", "SGD") if getattr(c, "threads", 1) > 1][:1]
+        assert cases, "no multi-threaded case in the matrix"
+        torch.set_num_threads(2)
+        (torch.randn(1 << 20) * 2).sum()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            report = check("optparity.optim:SGD", cases=cases, workers=2, timeout=30)
+        print([r.verdict for r in report.results], any("OpenMP" in str(w.message) for w in caught))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['bit_identical'] True", out.stdout + out.stderr

@@ -229,6 +229,11 @@ def run(plan: Plan, *, fail_fast: bool = False, threads: int | None = 1, workers
     if pooled and "fork" not in multiprocessing.get_all_start_methods():
         warnings.warn("worker processes and --timeout need the fork start method; running in this process", stacklevel=2)
         pooled, timeout = False, None
+    if pooled and _multithreaded(plan, threads) and not _forked_openmp_works():
+        warnings.warn("this process already ran torch's multi-threaded (OpenMP) kernels, and a process forked "
+                      "after that hangs in them: running the cases here, without workers or --timeout "
+                      "(the optparity command never hits this)", stacklevel=2)
+        pooled, timeout = False, None
     start = time.perf_counter()
     try:
         if pooled:
@@ -242,6 +247,38 @@ def run(plan: Plan, *, fail_fast: bool = False, threads: int | None = 1, workers
     finally:
         report.seconds = time.perf_counter() - start
     return report
+
+
+def _multithreaded(plan: Plan, threads: int | None) -> bool:
+    """Some case runs torch kernels on more than one thread."""
+    per_worker = torch.get_num_threads() if threads is None else threads
+    return per_worker > 1 or any(getattr(c, "threads", 1) > 1 for c in plan.cases)
+
+
+def _openmp_probe() -> None:
+    torch.set_num_threads(2)
+    torch.ones(1 << 17).add_(1).sum()  # above torch's grain size: a real parallel region
+
+
+_OPENMP_FORK_BROKEN = False  # once it is, it stays so for the life of this process
+
+
+def _forked_openmp_works(wait_s: float = 5.0) -> bool:
+    """Whether a forked child can run a parallel region. GNU OpenMP's thread pool does not survive
+    fork: once the parent has run one, the child hangs in its first. Tried, not guessed."""
+    global _OPENMP_FORK_BROKEN
+    if _OPENMP_FORK_BROKEN:
+        return False
+    probe = multiprocessing.get_context("fork").Process(target=_openmp_probe, daemon=True)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    probe.start()
+    probe.join(wait_s)
+    if probe.is_alive():
+        probe.kill()
+        probe.join()
+    _OPENMP_FORK_BROKEN = probe.exitcode != 0
+    return not _OPENMP_FORK_BROKEN
 
 
 def _run_inline(plan, report, threads, fail_fast, progress) -> None:
