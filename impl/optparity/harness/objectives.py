@@ -23,30 +23,31 @@ def _real(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
+def _flat_real(t: Tensor) -> list[Tensor]:
+    # real then imaginary parts: view_as_real's backward would need an even offset in the
+    # flat vector's gradient
+    return [t.real.reshape(-1), t.imag.reshape(-1)] if t.is_complex() else [t.reshape(-1)]
+
+
 class ClosureObjective:
-    """sum over params of sum(w * (x - c_step)**2) + 0.25 * sum(x**4), x the param (complex ones
-    as real pairs). w and c depend only on each param's shape and dtype, so the candidate's and
-    the reference's copies get identical objectives."""
+    """sum(w * (x - c - DRIFT * step)**2) + 0.25 * sum(x**4), x every param flattened into one
+    vector (complex ones as real and imaginary parts). w and c depend only on the params' sizes and dtype, so
+    the candidate's and the reference's copies get identical objectives."""
 
     def __init__(self, pset: ParamSet):
         self.pset = pset
-        self.weights, self.centres = [], []
-        for p in pset.params:
-            x = _real(p)
-            n = x.numel()
-            self.weights.append(torch.linspace(0.5, 2.0, n, dtype=x.dtype).reshape(x.shape))
-            self.centres.append(torch.linspace(-1.0, 1.0, n, dtype=x.dtype).reshape(x.shape))
+        # one flat vector of every param (complex ones as real pairs): few autograd nodes
+        n = sum(_real(p).numel() for p in pset.params)
+        dtype = _real(pset.params[0]).dtype if pset.params else torch.float32
+        self.weights = torch.linspace(0.5, 2.0, n, dtype=dtype)
+        self.centres = torch.linspace(-1.0, 1.0, n, dtype=dtype)
         self.step_calls = 0  # closure calls during the last step
         self.total_calls = 0
-        self._targets = self.centres
+        self._target = self.centres
 
     def loss(self) -> Tensor:
-        total = None
-        for p, w, c in zip(self.pset.params, self.weights, self._targets):
-            x = _real(p)
-            term = (w * (x - c).square()).sum() + 0.25 * x.pow(4).sum()
-            total = term if total is None else total + term
-        return total
+        x = torch.cat([piece for p in self.pset.params for piece in _flat_real(p)])
+        return (self.weights * (x - self._target).square()).sum() + 0.25 * x.pow(4).sum()
 
     def closure(self) -> Tensor:
         self.step_calls += 1
@@ -58,7 +59,7 @@ class ClosureObjective:
 
     def step(self, opt, step: int):
         """opt.step(closure) for harness step `step` (1-based); returns what it returned."""
-        self._targets = [c + DRIFT * step for c in self.centres]
+        self._target = self.centres + DRIFT * step
         self.step_calls = 0
         try:
             out = opt.step(self.closure)
