@@ -68,6 +68,7 @@ class Case:
     threads: int = 1
     default_dtype: torch.dtype | None = None
     amp: bool = False
+    scheduler: str | None = None  # an LR scheduler recipe stepped alongside (harness/schedulers.py)
 
     @property
     def id(self) -> str:
@@ -82,6 +83,8 @@ class Case:
                 text += f",default_dtype={str(self.default_dtype).replace('torch.', '')}"
             if self.amp:
                 text += ",GradScaler"
+            if self.scheduler:
+                text += f",{self.scheduler}"
             if self.steps != STEPS:
                 text += f",steps={self.steps}"
         return text
@@ -145,6 +148,9 @@ def build_cases(algorithms=ALGORITHMS, paths=PATHS, dtypes=DTYPES, param_sets=PA
                 case.seed = zlib.crc32(case.id.encode())  # stable whatever subset is chosen
                 cases.append(case)
         cases += edge_cases(algo, paths, steps)
+        from optparity.harness.schedulers import scheduler_cases  # it imports this module
+
+        cases += scheduler_cases(algo, paths, dtypes, steps)
     return cases
 
 

@@ -64,6 +64,8 @@ def changes(given: Any, before: Any, path: str = "state_dict") -> str | None:
         if len(given) != len(before):
             return f"{path} had {len(before)} entries, now {len(given)}"
         return next((c for i, (g, b) in enumerate(zip(given, before)) if (c := changes(g, b, f"{path}[{i}]"))), None)
+    if isinstance(before, float) and before != before and given != given:
+        return None  # NaN stays NaN (LBFGS's prev_loss in float16)
     return None if given == before else f"{path} was {before!r}, is now {given!r}"
 
 

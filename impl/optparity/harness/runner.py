@@ -7,6 +7,7 @@ param-group keys, state_dict structure, a setting, a closure's return value); th
 is kept, so an early layout difference never hides the numeric one behind it."""
 from __future__ import annotations
 
+import math
 import re
 import time
 import traceback
@@ -16,7 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from optparity.harness import algorithms, conditions, objectives, observers
+from optparity.harness import algorithms, conditions, objectives, observers, schedulers
 from optparity.harness.bitwise import Difference, compare
 from optparity.harness.candidates import (NotApplicable, algorithm_of, kind_of, load_object, make_driver,
                                           options_not_accepted)
@@ -265,6 +266,10 @@ def _compare_value(a: Any, b: Any) -> Difference | None:
     if isinstance(a, list) and type(b) is list and len(a) == len(b):
         # element by element first: `!=` on lists of tensors (LBFGS's history) would raise
         return next((d for d in map(_compare_value, a, b) if d is not None), None)
+    if type(a) is float and type(b) is float:
+        # Python floats (LBFGS's prev_loss) by the same rule as tensors: NaN matches NaN, -0.0 is not 0.0
+        same = (a != a and b != b) or (a == b and math.copysign(1.0, a) == math.copysign(1.0, b))
+        return None if same else Difference("value", candidate=repr(a), reference=repr(b))
     if type(a) is not type(b) or a != b:
         if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and len(a) == len(b) and type(a) is type(b):
             for x, y in zip(a, b):
@@ -399,6 +404,9 @@ def _run(case: Case, candidate: Subject, reference: Subject, result: CaseResult,
     stop = _same_error(tracker, 0, e_cand, e_ref)
     # .grad, zero_grad, hooks and load_state_dict's argument are compared too (harness/observers.py)
     observer = observers.Observer(tracker, cand, ref, names) if cand is not None and ref is not None else None
+    scheduled = bool(case.scheduler) and observer is not None and observer.active
+    if scheduled:  # the same LR scheduler steps both (harness/schedulers.py)
+        schedulers.attach(case, cand, ref)
     differentiable = bool(case.config.get("differentiable"))
     reloadable = (not differentiable and getattr(cand, "supports_state_dict", False)
                   and getattr(ref, "supports_state_dict", False))
@@ -423,6 +431,8 @@ def _run(case: Case, candidate: Subject, reference: Subject, result: CaseResult,
         if calls:
             tracker.record(step, "closure", None, None, None, calls)
         _compare_drivers(tracker, step, cand, ref, names)
+        if scheduled:
+            _compare_param_groups(tracker, step, *schedulers.live_param_groups(cand, ref))
         if observer is not None:
             observer.after_step(step)
         if differentiable and step == 1:
