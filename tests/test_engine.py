@@ -162,18 +162,25 @@ def _wait_for_partial(path, proc, deadline_s=120):
 
 def test_kill_9_leaves_a_valid_partial_report(tmp_path):
     _module(tmp_path, "slow", SLOW)
-    cmd, kw = _cli(*SLOW_ARGS, "-n", "1", "--timeout", "0", cwd=tmp_path, extra_path=tmp_path)
+    cmd, kw = _cli(*SLOW_ARGS, "-n", "2", cwd=tmp_path, extra_path=tmp_path)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
     try:
         _wait_for_partial(tmp_path / "r.json", proc)
         time.sleep(1.5)  # let a rewrite or two happen, so the kill may land in the middle of one
+        workers = [int(p) for p in open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()]
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+    assert len(workers) == 2
+    deadline = time.monotonic() + 30
+    while any(os.path.exists(f"/proc/{w}") and "Z" not in open(f"/proc/{w}/stat").read().split()[2]
+              for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert time.monotonic() < deadline, "workers outlived their killed parent"
     doc = json.loads((tmp_path / "r.json").read_text())
     assert doc["finished"] is False and doc["ok"] is False
     assert 0 < doc["cases"] == len(doc["results"]) < doc["planned"]
-    assert all(r["verdict"] == "bit_identical" for r in doc["results"])
+    assert {r["verdict"] for r in doc["results"]} <= {"bit_identical", "same_error"}, doc["results"]
     suite = ET.parse(tmp_path / "r.xml").getroot().find("testsuite")
     assert int(suite.get("tests")) > 0
 

@@ -302,7 +302,21 @@ def _run_inline(plan, report, threads, fail_fast, progress) -> None:
 _PLAN: Plan | None = None  # set before forking: workers inherit it
 
 
-def _worker_main(conn, step, threads) -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    """A parent killed with SIGKILL runs no cleanup: take its workers down too (Linux), or a hung
+    candidate would spin on forever."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # it died before the prctl
+        os._exit(1)
+
+
+def _worker_main(conn, step, threads, parent_pid) -> None:
+    _die_with_parent(parent_pid)
     if threads is not None:
         torch.set_num_threads(threads)
     runner.STEP_MONITOR = step
@@ -320,6 +334,8 @@ def _worker_main(conn, step, threads) -> None:
             message = (index, "error", traceback.format_exc())
         try:
             conn.send(message)
+        except OSError:  # the parent is gone
+            return
         except Exception:  # noqa: BLE001 - e.g. a result holding something unpicklable
             conn.send((index, "error", "the case's result could not be sent back:\n" + traceback.format_exc()))
 
@@ -328,7 +344,7 @@ class _Worker:
     def __init__(self, ctx, threads):
         self.step = ctx.RawValue("i", 0)
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child, self.step, threads), daemon=True)
+        self.proc = ctx.Process(target=_worker_main, args=(child, self.step, threads, os.getpid()), daemon=True)
         for stream in (sys.stdout, sys.stderr):
             stream.flush()  # or the child would write the parent's buffered output again at exit
         # Ctrl-C goes to the whole process group: only the parent handles it. Workers are forked
