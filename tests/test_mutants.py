@@ -3,9 +3,12 @@ flagged (no false alarm)."""
 import pytest
 import torch
 
-from optparity.harness import check, matrix
+from optparity.harness import check, levels, matrix
 from optparity.harness.algorithms import ALGORITHMS
-from optparity.harness.mutants import MUTANTS
+from optparity.harness.mutants import EDGE_MUTANTS, MUTANTS, EdgeMutant
+
+# Edge mutants of a comparison rather than a case condition: caught by what is compared.
+COMPARISONS = {"caller_grad", "zero_grad", "hooks", "load_state_dict"}
 
 KINDS = {m.kind for m in MUTANTS}
 OPTIONS = {m.shows_under for m in MUTANTS if m.kind == "option"}
@@ -18,16 +21,42 @@ def test_catalogue_is_broad():
     assert {"maximize", "amsgrad", "nesterov", "dampening", "lr_decay", "centered", "weight_decay"} <= OPTIONS
 
 
+def test_every_edge_axis_has_teeth():
+    assert {m.kind for m in EDGE_MUTANTS} >= set(matrix.EDGE_AXES) | COMPARISONS
+    values = {m.shows_under.split(" (")[0] for m in EDGE_MUTANTS if m.kind == "values"}
+    assert len(values) >= 5  # NaN, inf, subnormal, -0.0, huge
+
+
 @pytest.mark.parametrize("mutant", MUTANTS, ids=lambda m: m.name)
 def test_mutant_is_caught(mutant):
+    cases = None
+    if isinstance(mutant, EdgeMutant):
+        # the base matrix is proven not to catch it (below): start where its condition is
+        cases = [c for c in levels.select("default", mutant.algorithm) if c.axis != "base" or mutant.exposed(c)]
     report = check(mutant.build(), f"torch.optim:{mutant.algorithm}", algorithm=mutant.algorithm,
-                   fail_fast=True)
+                   fail_fast=True, cases=cases)
     first = report.first_failure
     assert first is not None, f"{mutant.name} slipped through {len(report.results)} cases"
     assert not report.ok
     assert first.divergence.step >= 1 and first.message
     if mutant.kind == "option":
         assert _option_on(first.case, mutant.shows_under), first.case.id
+    if isinstance(mutant, EdgeMutant):
+        assert mutant.exposed(first.case), f"caught outside its condition: {first.case.id} {first.message}"
+    if mutant.kind in COMPARISONS:
+        # parameters and state are torch's: only the new comparison sees the bug
+        numeric = first.first_numeric
+        assert numeric is None or numeric.where == "grad", first.message
+
+
+@pytest.mark.parametrize("mutant", [m for m in EDGE_MUTANTS if m.kind not in COMPARISONS], ids=lambda m: m.name)
+def test_edge_mutant_hides_without_its_condition(mutant):
+    # every default-level case without the condition: float32 base cases and the other edge cases
+    cases = [c for c in levels.select("default", mutant.algorithm)
+             if not mutant.exposed(c) and (c.axis != "base" or c.dtype == torch.float32)]
+    assert cases
+    report = check(mutant.build(), f"torch.optim:{mutant.algorithm}", algorithm=mutant.algorithm, cases=cases)
+    assert report.ok, f"{report.first_failure.case.id}: {report.first_failure.message}"
 
 
 @pytest.mark.parametrize("mutant", [m for m in MUTANTS if m.kind == "option"], ids=lambda m: m.name)
@@ -36,7 +65,7 @@ def test_option_mutant_hides_without_its_option(mutant):
     # the default path where the class takes no foreach flag (Muon, SparseAdam)
     cases = (matrix.build_cases([mutant.algorithm], ("forloop", "foreach"), (torch.float32,), ("mixed",))
              or matrix.build_cases([mutant.algorithm], ("default",), (torch.float32,), ("mixed",)))
-    cases = [c for c in cases if not _option_on(c, mutant.shows_under)]
+    cases = [c for c in cases if c.axis == "base" and not _option_on(c, mutant.shows_under)]
     report = check(mutant.build(), f"torch.optim:{mutant.algorithm}", algorithm=mutant.algorithm, cases=cases)
     assert report.ok, report.first_failure.message
 

@@ -79,7 +79,7 @@ def _edge_class(algo: str, *, after=None, grad=None, before=None, methods=None) 
             if grad is not None and getattr(self, "grad_scale", None) is None:
                 for group in self.param_groups:
                     for p in group["params"]:
-                        if p.grad is not None:
+                        if p.grad is not None and not p.grad.is_sparse:
                             new = grad(p.grad, p)
                             if new is not None:
                                 saved.append((p, p.grad))
@@ -231,8 +231,10 @@ def _edge_mutants() -> tuple[EdgeMutant, ...]:
           _edge_class("SGD", grad=lambda g, p: torch.where(g.abs() < _TINY[g.dtype], g * 0, g)
                       if g.dtype in _TINY and bool(((g != 0) & (g.abs() < _TINY[g.dtype])).any()) else None),
           lambda c: c.param_set == "values"),
-        E("edge_sgd_negative_zero", "SGD", "values", "-0.0 in a gradient (read as +0.0)",
-          _edge_class("SGD", grad=lambda g, p: g + 0.0 if g.is_floating_point() and bool(torch.signbit(g[g == 0]).any()) else None),
+        # (the base sets have -0.0 gradients too, but only on nonzero parameters)
+        E("edge_sgd_negative_zero", "SGD", "values", "-0.0 in a gradient of a zero parameter (read as +0.0)",
+          _edge_class("SGD", grad=lambda g, p: torch.where((g == 0) & (p == 0), g + 0.0, g)
+                      if g.is_floating_point() and bool(torch.signbit(g[(g == 0) & (p == 0)]).any()) else None),
           lambda c: c.param_set == "values"),
         E("edge_adam_huge_grad", "Adam", "values", "gradients whose square overflows",
           _edge_class("Adam", after=_each_param(_grad_mask(lambda g, p: g.isfinite() & (g.abs() > _HUGE.get(g.dtype, math.inf))))),
@@ -246,7 +248,7 @@ def _edge_mutants() -> tuple[EdgeMutant, ...]:
                                                 if torch.get_num_threads() > 1 and p.numel() >= 2 * GRAIN else None)),
           lambda c: c.threads > 1),
         E("edge_adam_dtype_mix", "Adam", "dtype_mix", "a group mixing dtypes",
-          _edge_class("Adam", after=_each_param(lambda o, g, p, i: True if len({q.dtype for q in g["params"]}) > 1 else None)),
+          _edge_class("Adam", after=_each_param(lambda o, g, p, i: True if len({q.dtype for q in g["params"] if not q.is_complex()}) > 1 else None)),
           lambda c: c.param_set == "dtype_mix"),
         E("edge_adamw_bfloat16", "AdamW", "low_precision", "bfloat16 parameters",
           _edge_class("AdamW", after=_each_param(lambda o, g, p, i: True if p.dtype == torch.bfloat16 else None)),
