@@ -21,23 +21,27 @@ SPEC = Algorithm(
         {'line_search_fn': 'strong_wolfe'},
     ),
     extra_configs=(
-        # history wraps within a step (20 iterations, 2 or 3 pairs kept)
-        {'history_size': 2},
-        {'history_size': 3, 'line_search_fn': 'strong_wolfe'},
-        # max_eval stops the iterations, and the line search's budget (max_eval - evals so far)
-        {'max_iter': 6, 'max_eval': 4},
-        {'max_iter': 8, 'max_eval': 9, 'line_search_fn': 'strong_wolfe'},
-        # a budget of one call: the line search falls back to [0, t] without bracketing
-        {'max_eval': 1, 'line_search_fn': 'strong_wolfe'},
-        # the tolerance stops (loss and step change, gradient norm) end iterations early
+        # (ordered so the cheap stop configurations come first: mutants are caught sooner)
+        # a gradient tolerance met mid-step and at the start of later steps (no iteration
+        # then), with a history that wraps
+        {'tolerance_grad': 0.5, 'history_size': 3},
+        # the tolerance stops on loss and on step change end iterations early
         {'tolerance_change': 1e-4},
         {'tolerance_change': 1e-5, 'line_search_fn': 'strong_wolfe'},
+        # max_eval stops the iterations, and bounds the line search (max_eval - evals so far)
+        {'max_iter': 6, 'max_eval': 4},
+        {'max_iter': 8, 'max_eval': 9, 'line_search_fn': 'strong_wolfe'},
+        {'history_size': 3, 'line_search_fn': 'strong_wolfe'},
+        # a budget of one call: the line search falls back to [0, t] without bracketing
+        {'max_eval': 1, 'line_search_fn': 'strong_wolfe'},
         {'tolerance_grad': 0.05, 'line_search_fn': 'strong_wolfe', 'history_size': 4},
         # tensor lr with the line search; a single iteration (no re-evaluation at the end)
         {'lr': _t(0.5), 'line_search_fn': 'strong_wolfe', 'history_size': 5},
         {'lr': 0.3, 'max_iter': 1},
         # an unknown line search is refused at the first step, after the first closure call
         {'line_search_fn': 'backtracking'},
+        # history of two (the scheduler cases run this one)
+        {'history_size': 2},
     ),
     second_group={'lr': 0.5},
     traffic={'param': 'rw', 'grad': 'r'},
@@ -49,8 +53,6 @@ SPEC = Algorithm(
                'min_pos = far - (far - near) *', 'min_pos = far + (far - near) *', 'logic'),
         Mutant('lbfgs_wolfe_curvature_without_abs', 'LBFGS', _F,
                'return abs(gtd_new) <= -c2 * gtd', 'return gtd_new <= -c2 * gtd', 'logic'),
-        Mutant('lbfgs_armijo_inequality_flipped', 'LBFGS', _F,
-               'return f_new > (f + c1 * t * gtd)', 'return f_new < (f + c1 * t * gtd)', 'logic'),
         Mutant('lbfgs_zoom_keeps_low_end_on_wrong_slope', 'LBFGS', _F,
                'elif gtd_new * (ts[high] - ts[low]) >= 0:', 'elif gtd_new * (ts[high] - ts[low]) <= 0:', 'logic'),
         Mutant('lbfgs_history_drops_newest', 'LBFGS', _F,
@@ -64,6 +66,12 @@ SPEC = Algorithm(
         Mutant('lbfgs_max_eval_ignored', 'LBFGS', _F,
                'if n_iter == max_iter or current_evals >= max_eval or opt_cond:',
                'if n_iter == max_iter or opt_cond:', 'logic'),
+        Mutant('lbfgs_optimal_start_not_returned', 'LBFGS', _F,
+               'if opt_cond:  # already optimal', 'if False:  # already optimal', 'logic'),
+        Mutant('lbfgs_gradient_stop_ignored', 'LBFGS', _F,
+               'current_evals >= max_eval or opt_cond:', 'current_evals >= max_eval:', 'logic'),
+        Mutant('lbfgs_step_change_stop_ignored', 'LBFGS', _F,
+               'if d.mul(t).abs().max() <= tolerance_change:', 'if False:', 'logic'),
         Mutant('lbfgs_loss_change_stop_ignored', 'LBFGS', _F,
                'if abs(loss - prev_loss) < tolerance_change:', 'if False:', 'logic'),
         Mutant('lbfgs_line_search_gets_group_tolerance_change', 'LBFGS', _F,
