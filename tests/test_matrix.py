@@ -36,7 +36,7 @@ def test_matrix_shape():
     assert len(ids) == len(set(ids)), "case ids must be unique"
     assert {c.path for c in cases} == set(matrix.PATHS)
     assert {c.algorithm for c in cases if c.path == "fused"} == FUSED_ON_CPU
-    assert all(c.steps >= 10 for c in cases)
+    assert all(c.steps >= 10 for c in cases if c.axis == "base")
     assert matrix.RELOAD_OWN < matrix.CROSS_LOAD < matrix.STEPS
 
 
