@@ -30,27 +30,31 @@ HYPER = {
 GROUP0 = ("emb.weight", "emb.bias", "head.weight", "head.bias")  # the rest: group 1 at half lr
 
 
+SMALL = (3, 5, 7, 2)     # emb in, emb out = block in, block out, head out
+LARGE = (1024, 2048, 2048, 1024)  # 8.4M parameters: AdamW state 67 MB, for the memory figures
+
+
 class Block(nn.Module):
-    def __init__(self):
+    def __init__(self, d_in=5, d_out=7):
         super().__init__()
-        self.lin = nn.Linear(5, 7)
-        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, 7))
+        self.lin = nn.Linear(d_in, d_out)
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, d_out))
 
 
 class Net(nn.Module):
-    def __init__(self):
+    def __init__(self, dims=SMALL):
         super().__init__()
-        self.emb = nn.Linear(3, 5)
-        self.block = Block()
-        self.head = nn.Linear(7, 2)
+        self.emb = nn.Linear(dims[0], dims[1])
+        self.block = Block(dims[1], dims[2])
+        self.head = nn.Linear(dims[2], dims[3])
         self.frozen = nn.Linear(2, 3)  # in the optimizer, never trained: no state anywhere
         for p in self.frozen.parameters():
             p.requires_grad_(False)
 
 
-def build_plain(full_params: dict | None = None) -> Net:
+def build_plain(full_params: dict | None = None, dims=SMALL) -> Net:
     torch.manual_seed(0)
-    net = Net()
+    net = Net(dims)
     if full_params is not None:
         with torch.no_grad():
             for n, p in net.named_parameters():
@@ -58,8 +62,14 @@ def build_plain(full_params: dict | None = None) -> Net:
     return net
 
 
-def wrap(net: Net, flavour: str) -> nn.Module:
-    cpu = torch.device("cpu")
+def device_for(backend: str) -> torch.device:
+    """Where the ranks' modules live: the rank's GPU under NCCL, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
+def wrap(net: Net, flavour: str, device: torch.device = torch.device("cpu")) -> nn.Module:
+    cpu = device
+    net = net.to(device)
     if flavour in ("fsdp", "fsdp_orig"):
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         orig = flavour == "fsdp_orig"
@@ -69,10 +79,12 @@ def wrap(net: Net, flavour: str) -> nn.Module:
             net.frozen = FSDP(net.frozen, device_id=cpu, use_orig_params=orig)
             return FSDP(net, device_id=cpu, use_orig_params=orig)
     if flavour == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
-        fully_shard(net.block)
-        fully_shard(net.frozen)
-        return fully_shard(net)
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        fully_shard(net.block, mesh=mesh)
+        fully_shard(net.frozen, mesh=mesh)
+        return fully_shard(net, mesh=mesh)
     return net
 
 
@@ -101,7 +113,7 @@ def set_grads(model, optim, step: int) -> None:
     if isinstance(optim, ZeRO):  # replicated: every rank sets the whole gradient
         to_fqns = ost._param_to_fqns(model)
         for p in model.parameters():
-            p.grad = global_grad(step, to_fqns[p][0], p.shape) if p.requires_grad else None
+            p.grad = global_grad(step, to_fqns[p][0], p.shape).to(p.device) if p.requires_grad else None
 
 
 def _place_grad(slot, step: int) -> None:
@@ -110,7 +122,7 @@ def _place_grad(slot, step: int) -> None:
         p.grad = None
         return
     if slot.kind == "whole":
-        p.grad = global_grad(step, slot.fqns[0], p.shape)
+        p.grad = global_grad(step, slot.fqns[0], p.shape).to(p.device)
         return
     if not slot.pieces and slot.kind == "view1d":
         p.grad = None  # FSDP gives no gradient to a parameter outside this rank's shard
@@ -119,7 +131,7 @@ def _place_grad(slot, step: int) -> None:
     for pc in slot.pieces:
         g = global_grad(step, pc.fqn, pc.shape).reshape(-1)[pc.start:pc.end]
         buf[pc.offset:pc.offset + pc.end - pc.start] = g
-    buf = buf.view(slot.local_shape)
+    buf = buf.view(slot.local_shape).to(ost._local(p).device)
     if slot.kind == "dtensor":
         from torch.distributed.tensor import DTensor
         buf = DTensor.from_local(buf, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
@@ -216,8 +228,8 @@ def session(rank, ws, jobs):
 # comparisons with upstream (run inside the ranks)
 # ---------------------------------------------------------------------------
 
-def _trained(flavour: str, algo: str = "Adam", steps: int = 3):
-    model = wrap(build_plain(), flavour)
+def _trained(flavour: str, algo: str = "Adam", steps: int = 3, backend: str = "gloo"):
+    model = wrap(build_plain(), flavour, device_for(backend))
     optim = make_optim(model, flavour, algo)
     train(model, optim, range(steps))
     return model, optim
@@ -233,12 +245,12 @@ def _clone_tree(x):
     return x
 
 
-def fsdp_against_upstream(rank, ws, flavour, algo):
+def fsdp_against_upstream(rank, ws, flavour, algo, backend="gloo"):
     """Ours and upstream's FSDP optimizer-state entry points on the same trained model.
     Returns (name, ours, theirs) triples, cloned, for the driver to compare."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     warnings.filterwarnings("ignore", module="torch")
-    model, optim = _trained(flavour, algo)
+    model, optim = _trained(flavour, algo, backend=backend)
     out = []
     for r0 in (True, False):
         out.append((f"full_optim_state_dict(rank0_only={r0})", ost.full_optim_state_dict(model, optim, rank0_only=r0),
@@ -264,11 +276,60 @@ def fsdp_against_upstream(rank, ws, flavour, algo):
     return _clone_tree(out)
 
 
-def fsdp2_against_upstream(rank, ws, algo):
+def _sharded_view(x):
+    """A ShardedTensor as plain data: its local shards (offsets, tensor) and global metadata."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+    if isinstance(x, ShardedTensor):
+        md = x.metadata()
+        return {"size": tuple(md.size), "dtype": md.tensor_properties.dtype,
+                "shards": [(tuple(m.shard_offsets), tuple(m.shard_sizes), str(m.placement)) for m in md.shards_metadata],
+                "local": [(tuple(s.metadata.shard_offsets), str(s.metadata.placement), s.tensor.detach().clone())
+                          for s in x.local_shards()]}
+    if isinstance(x, dict):
+        return {k: _sharded_view(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_sharded_view(v) for v in x]
+    return _clone_tree(x)
+
+
+def fsdp_sharded_against_upstream(rank, ws, flavour, algo, backend="gloo"):
+    """Ours and upstream's sharded (ShardedTensor) optimizer-state entry points and the
+    rank0_only FULL_STATE_DICT load, on the same trained model: (name, ours, theirs) triples."""
+    from torch.distributed.fsdp import (FullOptimStateDictConfig, FullStateDictConfig,
+                                        FullyShardedDataParallel as FSDP, StateDictType)
+    warnings.filterwarnings("ignore", module="torch")
+    warnings.simplefilter("ignore", FutureWarning)
+    model, optim = _trained(flavour, algo, backend=backend)
+    out = []
+    ours_sd = ost.sharded_optim_state_dict(model, optim)
+    out.append(("sharded_optim_state_dict", _sharded_view(ours_sd),
+                _sharded_view(FSDP.sharded_optim_state_dict(model, optim))))
+    for kind in (StateDictType.SHARDED_STATE_DICT, StateDictType.LOCAL_STATE_DICT):
+        with FSDP.state_dict_type(model, kind):
+            out.append((f"optim_state_dict({kind.name})", _sharded_view(ost.optim_state_dict(model, optim)),
+                        _sharded_view(FSDP.optim_state_dict(model, optim))))
+    # loading: both sides take our (correct) sharded dict
+    before = _sharded_view(ours_sd)
+    out.append(("flatten_sharded_optim_state_dict", ost.flatten_sharded_optim_state_dict(ours_sd, model, optim),
+                FSDP.flatten_sharded_optim_state_dict(ours_sd, model, optim)))
+    with FSDP.state_dict_type(model, StateDictType.SHARDED_STATE_DICT):
+        out.append(("optim_state_dict_to_load(SHARDED_STATE_DICT)", ost.optim_state_dict_to_load(model, optim, ours_sd),
+                    FSDP.optim_state_dict_to_load(model, optim, ours_sd)))
+    out.append(("our sharded loaders leave the input unchanged", _sharded_view(ours_sd), before))
+    full = ost.full_optim_state_dict(model, optim, rank0_only=False)
+    with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=True),
+                              FullOptimStateDictConfig(rank0_only=True)):
+        given = full if rank == 0 else {}
+        out.append(("optim_state_dict_to_load(FULL, rank0_only)", ost.optim_state_dict_to_load(model, optim, given),
+                    FSDP.optim_state_dict_to_load(model, optim, _clone_tree(given))))
+    return _clone_tree(out)
+
+
+def fsdp2_against_upstream(rank, ws, algo, backend="gloo"):
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions, get_optimizer_state_dict as up_get, set_optimizer_state_dict as up_set)
     warnings.filterwarnings("ignore", module="torch")
-    model, optim = _trained("fsdp2", algo)
+    model, optim = _trained("fsdp2", algo, backend=backend)
     out = []
     for full, off in ((True, True), (True, False), (False, False), (False, True)):
         opts = StateDictOptions(full_state_dict=full, cpu_offload=off)
@@ -280,8 +341,8 @@ def fsdp2_against_upstream(rank, ws, algo):
     sharded_sd = up_get(model, optim)
     for name, sd, opts in (("full", full_sd, StateDictOptions(full_state_dict=True)),
                            ("sharded", sharded_sd, StateDictOptions())):
-        m1, o1 = _trained("fsdp2", algo, steps=1)
-        m2, o2 = _trained("fsdp2", algo, steps=1)
+        m1, o1 = _trained("fsdp2", algo, steps=1, backend=backend)
+        m2, o2 = _trained("fsdp2", algo, steps=1, backend=backend)
         ost.set_optimizer_state_dict(m1, o1, sd, options=opts)
         up_set(m2, o2, sd, options=opts)
         out.append((f"set_optimizer_state_dict({name})", _dtensor_view(o1.state_dict()), _dtensor_view(o2.state_dict())))
@@ -295,3 +356,119 @@ def _dtensor_view(sd):
         return v
     return {"state": {k: {kk: conv(vv) for kk, vv in st.items()} for k, st in sd["state"].items()},
             "param_groups": sd["param_groups"]}
+
+
+# ---------------------------------------------------------------------------
+# memory per rank of each route (python suites/distributed/optim_state_ranks.py --memory)
+# ---------------------------------------------------------------------------
+
+def _status_kb(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field_name}")
+
+
+def _steady_malloc() -> None:
+    """Every large block mmap'd and returned on free, so the peak-RSS delta of a route is what it
+    touches, not what an earlier free happened to leave in the heap."""
+    import ctypes
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD 64 KiB (fixed: no dynamic raise)
+    libc.mallopt(-1, 1 << 16)  # M_TRIM_THRESHOLD 64 KiB
+
+
+MEMORY_SAVE = ("shards (FSDP)", "shards (ZeRO)", "optparity full_optim_state_dict",
+               "FSDP.full_optim_state_dict", "ZeRO consolidate_state_dict")
+MEMORY_LOAD = ("shards -> FSDP", "shards -> ZeRO", "optparity scatter_full_optim_state_dict",
+               "FSDP.scatter_full_optim_state_dict", "FSDP.shard_full_optim_state_dict (each rank reads the file)",
+               "ZeRO load_state_dict (each rank reads the file)")
+
+
+def memory_route(rank, ws, route: str, ckpt: str) -> dict:
+    """Peak RSS growth (VmHWM after resetting it, minus VmRSS before) of one route on this rank,
+    in a process that ran nothing else; model LARGE, AdamW, one step of training first."""
+    import gc
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    warnings.filterwarnings("ignore", module="torch")
+    warnings.simplefilter("ignore", FutureWarning)  # FSDP's deprecation notices name the caller
+    _steady_malloc()
+    flavour = "zero" if "ZeRO" in route else "fsdp"
+    model = wrap(build_plain(dims=LARGE), flavour)
+    optim = make_optim(model, flavour, "AdamW")
+    if route in MEMORY_SAVE:
+        train(model, optim, range(1))
+    optim.zero_grad(set_to_none=True)
+    gc.collect()
+    dist.barrier()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    base = _status_kb("VmRSS")
+    shard_files = [os.path.join(ckpt, f"optim.{r}.pt") for r in range(4)]
+    full_file = os.path.join(ckpt, "full.pt")
+    if route in ("shards (FSDP)", "shards (ZeRO)"):
+        if flavour == "fsdp":  # the load routes read these
+            ost.save_optim_state_shard(optim, model, os.path.join(ckpt, f"optim.{rank}.pt"))
+        else:
+            ost.save_optim_state_shard(optim, model, os.path.join(ckpt, f"zero.{rank}.pt"))
+    elif route == "optparity full_optim_state_dict":
+        sd = ost.full_optim_state_dict(model, optim, rank0_only=True)
+        if rank == 0:
+            torch.save(sd, os.path.join(ckpt, "full-ours.pt"))
+        del sd
+    elif route == "FSDP.full_optim_state_dict":
+        sd = FSDP.full_optim_state_dict(model, optim, rank0_only=True)
+        if rank == 0:
+            torch.save(sd, full_file)
+        del sd
+    elif route == "ZeRO consolidate_state_dict":
+        optim.consolidate_state_dict(to=0)
+        if rank == 0:
+            torch.save(optim.state_dict(), os.path.join(ckpt, "zero-full.pt"))
+        optim._all_state_dicts = []  # what a caller keeping only the file would free
+    elif route.startswith("shards -> "):
+        ost.load_optim_state_shards(optim, model, shard_files)
+    elif route.endswith("scatter_full_optim_state_dict"):
+        full = torch.load(full_file, weights_only=True) if rank == 0 else None
+        scatter = ost.scatter_full_optim_state_dict if route.startswith("optparity") else FSDP.scatter_full_optim_state_dict
+        optim.load_state_dict(scatter(full, model, optim=optim))
+        del full
+    elif route.startswith("FSDP.shard_full"):
+        full = torch.load(full_file, weights_only=True)
+        optim.load_state_dict(FSDP.shard_full_optim_state_dict(full, model, optim=optim))
+        del full
+    elif route.startswith("ZeRO load_state_dict"):
+        optim.load_state_dict(torch.load(os.path.join(ckpt, "zero-full.pt"), weights_only=True))
+    else:
+        raise ValueError(route)
+    gc.collect()
+    dist.barrier()
+    peak = _status_kb("VmHWM") - base
+    held = sum(v.numel() * v.element_size() for st in ost._inner(optim).state.values() for v in st.values() if torch.is_tensor(v))
+    return {"peak_mb": peak / 1024, "held_mb": held / 2**20}
+
+
+def measure_memory(ckpt: str, n: int = 4, m: int = 2) -> list[tuple[str, int, list[dict]]]:
+    """Every route in a fresh process group: save at n ranks, load the n shards / the full file at m."""
+    from optparity.harness.ranks import RankPool
+    out = []
+    for route in MEMORY_SAVE + MEMORY_LOAD:
+        ws = n if route in MEMORY_SAVE else m
+        with RankPool(ws, "gloo", timeout=600, collective_timeout=600) as pool:
+            out.append((route, ws, pool.run(memory_route, route, ckpt, timeout=900)))
+        print(f"{route:<62} ({ws} ranks): " + ", ".join(f"{r['peak_mb']:.0f}" for r in out[-1][2]) + " MB", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+    import tempfile
+    if sys.argv[1:] != ["--memory"]:
+        raise SystemExit("usage: python suites/distributed/optim_state_ranks.py --memory")
+    state_mb = 2 * sum(p.numel() for p in build_plain(dims=LARGE).parameters() if p.requires_grad) * 4 / 2**20
+    print(f"AdamW state S = {state_mb:.1f} MiB (exp_avg, exp_avg_sq; model {LARGE}); peak RSS growth per rank, MiB:")
+    import optim_state_ranks as R  # so the ranks unpickle the route by its module name
+    with tempfile.TemporaryDirectory() as d:
+        R.measure_memory(d)

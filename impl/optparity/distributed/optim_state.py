@@ -47,7 +47,8 @@ __all__ = [
     "OptimStateError", "OptimStateKeyType",
     "optim_state_shard", "save_optim_state_shard", "load_optim_state_shards",
     "shards_to_full", "load_full_optim_state",
-    "full_optim_state_dict", "optim_state_dict", "optim_state_dict_to_load",
+    "full_optim_state_dict", "sharded_optim_state_dict", "flatten_sharded_optim_state_dict",
+    "optim_state_dict", "optim_state_dict_to_load",
     "shard_full_optim_state_dict", "scatter_full_optim_state_dict",
     "rekey_optim_state_dict", "to_fqn_keyed", "to_id_keyed",
     "get_optimizer_state_dict", "set_optimizer_state_dict",
@@ -689,7 +690,88 @@ def full_optim_state_dict(model: nn.Module, optim, rank0_only: bool = True, grou
                           cpu_offload: bool = True) -> dict[str, Any]:
     """FSDP.full_optim_state_dict: the FQN-keyed full state, gathered from every rank
     (collective). With rank0_only, ranks other than 0 get {}."""
+    return _gathered_state(model, optim, rank0_only, group, cpu_offload, sharded=False)
+
+
+def sharded_optim_state_dict(model: nn.Module, optim, group=None, cpu_offload: bool = False) -> dict[str, Any]:
+    """FSDP.sharded_optim_state_dict: FQN keyed like the full dict, but each positive-dimension
+    state tensor is a ShardedTensor holding this rank's dim-0 chunk (torch.chunk over the
+    world size); 0-dim and non-tensor state whole. As upstream, the full state is gathered
+    first (so each rank transiently holds it)."""
+    return _gathered_state(model, optim, False, group, cpu_offload, sharded=True)
+
+
+def _chunk_sharded(t: torch.Tensor, group) -> Any:
+    """FSDP's ShardedTensor layout: dim-0 chunks, chunk r on rank r, no communication."""
+    from torch.distributed._shard.metadata import ShardMetadata
+    from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+    from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    chunks = t.chunk(world, dim=0)
+    device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+    ndev = torch.cuda.device_count() if device == "cuda" else 0
+    tail = [0] * (t.dim() - 1)
+    metas, start = [], 0
+    for r, c in enumerate(chunks):
+        g = dist.get_global_rank(group, r) if group is not None else r
+        where = f"rank:{g}/cpu" if device == "cpu" else f"rank:{g}/cuda:{g % ndev}"
+        metas.append(ShardMetadata([start, *tail], list(c.shape), where))
+        start += c.shape[0]
+    local = []
+    if rank < len(chunks):
+        step = -(-t.shape[0] // world)  # upstream's offset: ceil(rows / world) * rank
+        local.append(Shard.from_tensor_and_offsets(chunks[rank].clone(), [step * rank, *tail], rank))
+    props = TensorProperties(dtype=t.dtype, layout=t.layout, requires_grad=False,
+                             memory_format=torch.contiguous_format, pin_memory=t.is_pinned())
+    return ShardedTensor._init_from_local_shards_and_global_metadata(
+        local, sharded_tensor_metadata=ShardedTensorMetadata(metas, t.size(), props), process_group=group)
+
+
+def _unshard(v: Any, fqn: str, key: str, group) -> Any:
+    """A ShardedTensor of dim-0 chunks -> the full tensor on every rank (collective)."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+    if not isinstance(v, ShardedTensor):
+        return v
+    md = v.metadata()
+    shards = v.local_shards()
+    if len(shards) > 1:
+        raise OptimStateError(f"{fqn!r}: state {key!r} has {len(shards)} local shards; FSDP writes one per rank")
+    row = 1
+    for d in md.size[1:]:
+        row *= d
+    rows = max((m.shard_sizes[0] for m in md.shards_metadata), default=0)
+    world = dist.get_world_size(group)
+    buf = torch.zeros(rows * row, dtype=md.tensor_properties.dtype,
+                      device=shards[0].tensor.device if shards else "cpu")
+    if shards:
+        local = shards[0].tensor.reshape(-1)
+        buf[:local.numel()].copy_(local)
+    outs = [torch.empty_like(buf) for _ in range(world)]
+    dist.all_gather(outs, buf, group=group)
+    full = torch.empty(md.size, dtype=buf.dtype, device=buf.device).reshape(-1)
+    for m in md.shards_metadata:
+        r = m.placement.rank()
+        if group is not None:
+            r = dist.get_group_rank(group, r)
+        n = m.shard_sizes[0] * row
+        full[m.shard_offsets[0] * row:m.shard_offsets[0] * row + n].copy_(outs[r][:n])
+    return full.view(md.size)
+
+
+def _all_gather_flat(buf: torch.Tensor, world: int, group) -> torch.Tensor:
+    """Every rank's `buf`, concatenated in rank order, in one tensor (no per-rank copies)."""
+    out = torch.empty(world * buf.numel(), dtype=buf.dtype, device=buf.device)
+    try:
+        dist.all_gather_into_tensor(out, buf, group=group)
+    except (RuntimeError, NotImplementedError):  # a backend without the flat all-gather
+        dist.all_gather(list(out.chunk(world)), buf, group=group)
+    return out
+
+
+def _gathered_state(model: nn.Module, optim, rank0_only: bool, group, cpu_offload: bool,
+                    sharded: bool) -> dict[str, Any]:
     use_orig = _use_orig_params(model)
+    keep = not rank0_only or dist.get_rank(group) == 0
     slots, by_param = _all_slots(model, optim)
     state = optim.state
     world = dist.get_world_size(group)
@@ -739,19 +821,30 @@ def full_optim_state_dict(model: nn.Module, optim, rank0_only: bool = True, grou
                         src = _local(st[k]).detach().reshape(-1)[pc.offset:pc.offset + pc.end - pc.start]
                         info_i = flat._shard_param_infos[fqns.index(fqn)]
                         buf[info_i.offset_in_shard:info_i.offset_in_shard + src.numel()].copy_(src)
-            outs = [torch.empty_like(buf) for _ in range(world)]
-            dist.all_gather(outs, buf, group=group)
-            gathered = torch.cat(outs)
+            gathered = _all_gather_flat(buf, world, group)
+            del buf
+            if not keep:
+                continue  # rank0_only: the others only send
             for i, fqn in enumerate(fqns):
                 if fqn in merged and any(e[0] == k for e in merged[fqn]):
-                    shape = flat._shapes[i]
-                    numel = flat._numels[i]
-                    t = gathered[offsets[i]:offsets[i] + numel].view(shape).clone()
-                    full.setdefault(fqn, {})[k] = t.cpu() if cpu_offload else t
-    if rank0_only and dist.get_rank(group) != 0:
+                    t = gathered[offsets[i]:offsets[i] + flat._numels[i]].view(flat._shapes[i])
+                    t = t.cpu() if cpu_offload else t
+                    # copies, so no entry pins the gathered buffer
+                    full.setdefault(fqn, {})[k] = _chunk_sharded(t, group) if sharded else t.clone()
+            del gathered
+    if not keep:
         return {}
     out_state = {}
-    order = sorted(merged) if use_orig else [f for s in slots for f in s.fqns if f in merged]
+    if use_orig:  # upstream: sorted FQNs, then grouped by FlatParameter (first appearance), others first
+        flat_of = {to_fqns[p][0]: flat for p, (flat, _) in _orig_param_index(model).items()}
+        groups_seen: dict = {}
+        loose = [f for f in sorted(merged) if f not in flat_of]
+        for f in sorted(merged):
+            if f in flat_of:
+                groups_seen.setdefault(id(flat_of[f]), []).append(f)
+        order = loose + [f for fs in groups_seen.values() for f in fs]
+    else:
+        order = [f for s in slots for f in s.fqns if f in merged]
     for fqn in order:
         entries = merged[fqn]
         entry = {}
@@ -777,21 +870,24 @@ def full_optim_state_dict(model: nn.Module, optim, rank0_only: bool = True, grou
     return {"state": out_state, "param_groups": groups}
 
 
-def _state_dict_config(model):
+def _state_dict_config(model) -> tuple[bool, Any]:
+    """(full?, the optimizer-state config) of the model's state_dict_type."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, StateDictType
     settings = FSDP.get_state_dict_type(model)
-    if settings.state_dict_type != StateDictType.FULL_STATE_DICT:
-        raise NotImplementedError(
-            f"optparity's optim_state_dict supports FULL_STATE_DICT; the model is set to {settings.state_dict_type} "
-            "(use optim_state_shard / load_optim_state_shards for sharded checkpoints)")
-    return settings.optim_state_dict_config
+    cfg = settings.optim_state_dict_config
+    if getattr(cfg, "_use_dtensor", False):
+        raise NotImplementedError("_use_dtensor=True (DTensor optimizer state under FSDP1) is not supported")
+    return settings.state_dict_type == StateDictType.FULL_STATE_DICT, cfg
 
 
 def optim_state_dict(model: nn.Module, optim, optim_state_dict: dict | None = None, group=None) -> dict:
-    """FSDP.optim_state_dict under FULL_STATE_DICT: the config's rank0_only / offload_to_cpu."""
-    cfg = _state_dict_config(model)
-    return full_optim_state_dict(model, optim, rank0_only=cfg.rank0_only, group=group,
-                                 cpu_offload=cfg.offload_to_cpu)
+    """FSDP.optim_state_dict: FULL_STATE_DICT gives the full dict (the config's rank0_only /
+    offload_to_cpu), SHARDED_STATE_DICT and LOCAL_STATE_DICT the ShardedTensor dict."""
+    full, cfg = _state_dict_config(model)
+    if not full:
+        return sharded_optim_state_dict(model, optim, group=group, cpu_offload=getattr(cfg, "offload_to_cpu", False))
+    return full_optim_state_dict(model, optim, rank0_only=getattr(cfg, "rank0_only", False), group=group,
+                                 cpu_offload=getattr(cfg, "offload_to_cpu", True))
 
 
 def _flattened_local(full: dict, model, optim) -> dict:
@@ -802,7 +898,9 @@ def _flattened_local(full: dict, model, optim) -> dict:
         for p in g["params"]:
             ids[p] = len(ids)
     state = {}
-    for s in slots:
+    # upstream walks the model's parameters (module order), not the optimizer's: same here
+    by_model_order = [by_param[p] for p in _param_to_fqns(model) if p in by_param]
+    for s in by_model_order:
         if s.param in plan:
             built = _build(s, plan[s.param], pieces)
             if s.kind == "flat":  # upstream walks a set of the state names: same order here
@@ -818,12 +916,18 @@ def _flattened_local(full: dict, model, optim) -> dict:
 
 def optim_state_dict_to_load(model: nn.Module, optim, optim_state_dict: dict, is_named_optimizer: bool = False,
                              load_directly: bool = False, group=None) -> dict:
-    """FSDP.optim_state_dict_to_load (FULL_STATE_DICT): the dict to give optim.load_state_dict;
-    with load_directly it is loaded and None returned."""
-    cfg = _state_dict_config(model)
-    if cfg.rank0_only:
-        raise NotImplementedError("rank0_only=True loading: use scatter_full_optim_state_dict")
-    out = _flattened_local(optim_state_dict, model, optim)
+    """FSDP.optim_state_dict_to_load: the dict to give optim.load_state_dict (with load_directly
+    it is loaded and None returned). FULL_STATE_DICT with rank0_only: only rank 0's dict is read
+    (it is broadcast); SHARDED/LOCAL_STATE_DICT: a sharded_optim_state_dict is gathered."""
+    if is_named_optimizer:
+        raise NotImplementedError("is_named_optimizer=True: load a NamedOptimizer with load_full_optim_state")
+    full, cfg = _state_dict_config(model)
+    if not full:
+        out = flatten_sharded_optim_state_dict(optim_state_dict, model, optim, group=group)
+    elif getattr(cfg, "rank0_only", False):
+        out = scatter_full_optim_state_dict(optim_state_dict, model, optim=optim, group=group)
+    else:
+        out = _flattened_local(optim_state_dict, model, optim)
     if load_directly:
         optim.load_state_dict(out)
         return None
@@ -836,6 +940,22 @@ def shard_full_optim_state_dict(full_optim_state_dict: dict, model: nn.Module, o
     if optim is None:
         raise OptimStateError("pass optim (optim_input is deprecated upstream and not supported here)")
     return _flattened_local(full_optim_state_dict, model, optim)
+
+
+def flatten_sharded_optim_state_dict(sharded_optim_state_dict: dict, model: nn.Module, optim,
+                                     group=None) -> dict:
+    """FSDP.flatten_sharded_optim_state_dict: a sharded_optim_state_dict (any world size's
+    ShardedTensors are gathered, collective) -> this rank's param-id keyed part. The input is
+    not modified."""
+    sd = sharded_optim_state_dict
+    if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
+        raise OptimStateError("an optimizer state dict needs 'state' and 'param_groups'")
+    # every rank must take part in the same gathers: walk the FQNs in one order everywhere
+    state = {}
+    for fqn in sd["state"]:
+        st = sd["state"][fqn]
+        state[fqn] = {k: _unshard(v, fqn, k, group) for k, v in st.items()} if isinstance(st, dict) else st
+    return _flattened_local({"state": state, "param_groups": sd["param_groups"]}, model, optim)
 
 
 def scatter_full_optim_state_dict(full_optim_state_dict: dict | None, model: nn.Module, optim_input=None,
