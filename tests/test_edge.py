@@ -21,7 +21,7 @@ def _cheap(algo):
 def test_every_dense_algorithm_gets_every_axis_at_the_default_level(algo):
     axes = {c.axis for c in levels.select("default", algo) if c.axis != "base"}
     expected = set(matrix.EDGE_AXES) - (set() if SPECS[algo].low_precision else {"low_precision"})
-    assert axes == expected
+    assert axes >= expected  # other axes (schedulers) may come on top
     assert all(c.cost == "cheap" for c in _cheap(algo))
 
 
