@@ -892,7 +892,10 @@ def optim_state_dict(model: nn.Module, optim, optim_state_dict: dict | None = No
 
 def _flattened_local(full: dict, model, optim) -> dict:
     """The local optimizer's param-id keyed state dict for an FQN-keyed full dict."""
-    slots, by_param, plan, pieces, groups = _full_to_local(full, model, optim)
+    return _local_dict(model, optim, *_full_to_local(full, model, optim))
+
+
+def _local_dict(model, optim, slots, by_param, plan, pieces, groups) -> dict:
     ids = {}
     for g in optim.param_groups:
         for p in g["params"]:
@@ -960,11 +963,75 @@ def flatten_sharded_optim_state_dict(sharded_optim_state_dict: dict, model: nn.M
 
 def scatter_full_optim_state_dict(full_optim_state_dict: dict | None, model: nn.Module, optim_input=None,
                                   optim=None, group=None) -> dict:
-    """FSDP.scatter_full_optim_state_dict: rank 0 holds the full dict; every rank gets its part."""
-    holder = [full_optim_state_dict if dist.get_rank(group) == 0 else None]
+    """FSDP.scatter_full_optim_state_dict: rank 0 holds the full dict; every rank gets its part.
+
+    Rank 0 broadcasts the dict with its positive-dimension tensors replaced by meta tensors;
+    every rank validates that against its own parameters (all agree before any data moves, so
+    bad input raises everywhere, naming the FQN); then each tensor is broadcast in turn and a
+    rank keeps only the flat range it owns: one state tensor in flight at a time."""
+    me = dist.get_rank(group)
     src = dist.get_global_rank(group, 0) if group is not None else 0
+    real: list[torch.Tensor] = []
+
+    def skeleton(st):
+        if not isinstance(st, dict):
+            return st
+        out = {}
+        for k, v in st.items():
+            if torch.is_tensor(v) and not _is_dtensor(v) and v.dim() > 0:
+                real.append(v)
+                v = torch.empty(v.shape, dtype=v.dtype, device="meta")
+            out[k] = v
+        return out
+
+    holder = [None]
+    if me == 0:
+        full = full_optim_state_dict
+        if not isinstance(full, dict) or "state" not in full or "param_groups" not in full:
+            holder = [OptimStateError("rank 0's optimizer state dict needs 'state' and 'param_groups'")]
+        else:
+            holder = [{"state": {f: skeleton(st) for f, st in full["state"].items()},
+                       "param_groups": full["param_groups"]}]
     dist.broadcast_object_list(holder, src=src, group=group)
-    return shard_full_optim_state_dict(holder[0], model, optim=optim)
+    if isinstance(holder[0], OptimStateError):
+        raise holder[0]
+    skel = holder[0]
+    error = None
+    try:
+        prepared = _full_to_local(skel, model, optim)
+    except OptimStateError as e:
+        error = str(e)
+    errors: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(errors, error, group=group)
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise OptimStateError(first if error is None else error)
+    slots, by_param, plan, pieces, groups = prepared
+    need = {}  # fqn -> the one flat range this rank holds
+    for sl in slots:
+        if sl.param in plan:
+            for pc in sl.pieces:
+                lo, hi = need.get(pc.fqn, (pc.start, pc.end))
+                need[pc.fqn] = (min(lo, pc.start), max(hi, pc.end))
+    device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+    kept: dict = {}
+    i = 0
+    for fqn, st in skel["state"].items():
+        for k, v in (st.items() if isinstance(st, dict) else ()):
+            if not (torch.is_tensor(v) and v.is_meta):
+                continue
+            t = real[i].to(device) if me == 0 else torch.empty(v.shape, dtype=v.dtype, device=device)
+            i += 1
+            dist.broadcast(t, src=src, group=group)
+            if fqn in need:
+                lo, hi = need[fqn]
+                kept[(fqn, k)] = t.reshape(-1)[lo:hi].to("cpu", copy=True)
+            del t
+    for fqn, (lo, hi) in need.items():
+        srcs = pieces[fqn]
+        st = {k: kept.get((fqn, k), v) for k, v in srcs[0].state.items()}
+        pieces[fqn] = [_Src(lo, hi, srcs[0].kinds, st)]
+    return _local_dict(model, optim, slots, by_param, plan, pieces, groups)
 
 
 # ---------------------------------------------------------------------------
