@@ -325,6 +325,21 @@ def fsdp_sharded_against_upstream(rank, ws, flavour, algo, backend="gloo"):
     return _clone_tree(out)
 
 
+def scatter_bad_input(rank, ws):
+    """Rank 0 passes a full dict with a wrong-shaped state tensor: every rank must raise (no
+    rank left waiting in a collective), naming the FQN, with rank 0's dict unchanged."""
+    warnings.filterwarnings("ignore", module="torch")
+    model, optim = _trained("fsdp", "Adam")
+    full = ost.full_optim_state_dict(model, optim, rank0_only=False)
+    full["state"]["head.bias"]["exp_avg"] = torch.zeros(3)
+    before = _clone_tree(full)
+    try:
+        ost.scatter_full_optim_state_dict(full if rank == 0 else None, model, optim=optim)
+    except ost.OptimStateError as e:
+        return str(e), full, before
+    return None, full, before
+
+
 def fsdp2_against_upstream(rank, ws, algo, backend="gloo"):
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions, get_optimizer_state_dict as up_get, set_optimizer_state_dict as up_set)

@@ -273,6 +273,13 @@ def test_full_dict_errors_name_the_parameter():
         ost.load_full_optim_state(optim, model, bad)
 
 
+def test_scatter_bad_input_raises_on_every_rank(ranks):
+    for rank, (message, full, before) in enumerate(ranks(2).run(R.scatter_bad_input, timeout=300)):
+        assert message is not None and "'head.bias': state 'exp_avg' has shape (3,), the parameter (2,)" in message, \
+            f"rank {rank}: {message}"
+        assert_same(full, before, f"rank {rank}: the caller's dict")
+
+
 def test_files_load_weights_only(tmp_path):
     model, optim = _plain_trained()
     path = tmp_path / "optim.0.pt"
