@@ -185,21 +185,26 @@ def test_kill_9_leaves_a_valid_partial_report(tmp_path):
     assert int(suite.get("tests")) > 0
 
 
-def test_ctrl_c_gives_the_partial_summary_without_a_traceback(tmp_path):
+@pytest.mark.parametrize("sig,code,said", [(signal.SIGINT, 130, "interrupted (Ctrl-C)"),
+                                           (signal.SIGTERM, 143, "terminated (SIGTERM)")])
+def test_ctrl_c_gives_the_partial_summary_without_a_traceback(tmp_path, sig, code, said):
     _module(tmp_path, "slow", SLOW)
     cmd, kw = _cli(*SLOW_ARGS, "-n", "2", cwd=tmp_path, extra_path=tmp_path)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, **kw)
     try:
         _wait_for_partial(tmp_path / "r.json", proc)
-        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C does: the workers get it too
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)  # as a terminal's Ctrl-C does: the workers get it too
+        else:
+            proc.send_signal(sig)  # as a CI runner's timeout does
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130, out + err
+    assert proc.returncode == code, out + err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
-    assert "interrupted (Ctrl-C): partial results" in out and "candidate: slow:Adam" in out
+    assert f"{said}: partial results" in out and "candidate: slow:Adam" in out
     doc = json.loads((tmp_path / "r.json").read_text())
     assert doc["interrupted"] is True and doc["ok"] is False and 0 < doc["cases"] < doc["planned"]
     assert not list(tmp_path.glob(".r.json.partial"))
@@ -251,6 +256,7 @@ def test_unknown_algorithm_lists_every_algorithm_and_help_does_too(tmp_path):
     assert all(repr(a) in out.stderr for a in ALGORITHMS)
     helptext = run_cli("--help", cwd=tmp_path).stdout
     assert all(a in helptext for a in ALGORITHMS) and "--level" in helptext and "130" in helptext
+    assert "143" in helptext
 
 
 def test_dotted_candidate_and_default_output_directories(tmp_path):

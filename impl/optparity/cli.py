@@ -4,8 +4,10 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -98,8 +100,8 @@ def _add_check(sub) -> None:
         epilog="levels:\n" + "\n".join(f"  {name:8} {lv.summary}" for name, lv in LEVELS.items())
                + "\n\nalgorithms: " + ", ".join(ALGORITHMS)
                + "\n\nexit codes: 0 every case bit-identical; 1 a case differs, hung or crashed; 2 usage, import "
-                 "or output-path error (before any case runs); 130 interrupted (Ctrl-C), after the partial "
-                 "summary and reports")
+                 "or output-path error (before any case runs); 130 interrupted (Ctrl-C), 143 terminated (SIGTERM), "
+                 "each after the partial summary and reports")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--candidate", metavar="MODULE:NAME",
                       help="optimizer class, functional class (step(gradients)) or functional kernel; "
@@ -248,7 +250,33 @@ def _print_tracebacks(report) -> None:
         print(f"\ntraceback, first {kind} ({r.case.id}):\n{tb.rstrip()}")
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a CI job's timeout, kill): stopped as cleanly as Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
 def _run_check(args) -> int:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _check_command(args)
+    except KeyboardInterrupt as e:  # before or between the cases: nothing ran, nothing to report
+        print(f"optparity check: {_stopped_by(e)} before any case ran", file=sys.stderr)
+        return _stop_code(e)
+
+
+def _stopped_by(e: BaseException) -> str:
+    return "terminated (SIGTERM)" if isinstance(e, _Terminated) else "interrupted (Ctrl-C)"
+
+
+def _stop_code(e: BaseException) -> int:
+    return 143 if isinstance(e, _Terminated) else 130
+
+
+def _check_command(args) -> int:
     from optparity.harness.check import NoCases, UsageError, prepare, run
     from optparity.harness.report import format_text
 
@@ -304,7 +332,7 @@ def _run_check(args) -> int:
             _print_tracebacks(report)
             print()
             outputs.update(reports, force=True)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if progress is not None:
             progress.clear()
         report = reports[-1] if reports else None
@@ -312,10 +340,10 @@ def _run_check(args) -> int:
             print(format_text(report))
             _print_tracebacks(report)
         done = sum(len(r.results) for r in reports)
-        print(f"\ninterrupted (Ctrl-C): partial results, {done} of {sum(len(p.cases) for p in plans)} cases ran"
+        print(f"\n{_stopped_by(e)}: partial results, {done} of {sum(len(p.cases) for p in plans)} cases ran"
               + (f"; written to {', '.join(p for p, _ in outputs.paths)}" if outputs.paths else ""))
         outputs.update(reports, force=True)
-        return 130
+        return _stop_code(e)
     if args.html:
         from optparity.harness.html import write_html
 

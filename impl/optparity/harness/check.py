@@ -317,6 +317,7 @@ def _die_with_parent(parent_pid: int) -> None:
 
 def _worker_main(conn, step, threads, parent_pid) -> None:
     _die_with_parent(parent_pid)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler (the CLI's clean stop)
     if threads is not None:
         torch.set_num_threads(threads)
     runner.STEP_MONITOR = step
