@@ -5,8 +5,8 @@
   back by N ranks; after every leg the full state and the parameters equal the uninterrupted
   run bit for bit. The leg to M also changes flavour (ZeRO -> FSDP -> FSDP use_orig_params ->
   fully_shard -> ZeRO), so every conversion between them is exercised in both directions.
-* Upstream: our FSDP and distributed-checkpoint entry points against torch's, bit for bit and
-  key order for key order; where torch is wrong (FSDP use_orig_params full state) the
+* Upstream: our FSDP (full, ShardedTensor sharded, rank0_only loads) and distributed-checkpoint
+  entry points against torch's, bit for bit and key order for key order, over Gloo and NCCL; where torch is wrong (FSDP use_orig_params full state) the
   difference is pinned and ours is checked against a single-process optimizer instead.
 * Bad input: clear errors naming the parameter, raised before anything changes.
 

@@ -18,8 +18,9 @@ Three layouts meet here (all ``{"state": ..., "param_groups": [...]}``):
 
 FSDP's own entry points are reimplemented over upstream's FSDP modules (``FlatParameter``
 metadata, ``_get_param_to_fqns``): ``full_optim_state_dict``, ``optim_state_dict`` /
-``optim_state_dict_to_load`` (FULL_STATE_DICT), ``shard_full_optim_state_dict``,
-``scatter_full_optim_state_dict``, ``rekey_optim_state_dict``; for ``fully_shard`` (DTensor
+``optim_state_dict_to_load`` (FULL, SHARDED and LOCAL state_dict_type; rank0_only loads),
+``sharded_optim_state_dict`` / ``flatten_sharded_optim_state_dict`` (ShardedTensor),
+``shard_full_optim_state_dict``, ``scatter_full_optim_state_dict``, ``rekey_optim_state_dict``; for ``fully_shard`` (DTensor
 state) ``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` (full and sharded). Their
 outputs are bit-identical to upstream's (suites/distributed/test_optim_state.py).
 
@@ -29,8 +30,8 @@ modified; no function mutates a dict it is given. Files load with ``weights_only
 
 Departures from upstream: ``get_optimizer_state_dict`` initialises missing state the same way
 (a zero-lr step) only when the optimizer has no state at all, as upstream does;
-``scatter_full_optim_state_dict`` broadcasts the full dict as one object (same result, more
-transient memory on the receivers than upstream's per-tensor broadcast).
+``scatter_full_optim_state_dict`` validates a meta-tensor skeleton on every rank before any
+tensor is broadcast, so bad input raises on all ranks instead of leaving some in a collective.
 """
 from __future__ import annotations
 
