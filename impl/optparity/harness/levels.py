@@ -7,14 +7,16 @@ tags. Cases are read through two attributes (missing ones mean the ordinary matr
   * `cost`: "cheap", or "expensive" for the cases only the full level runs (long runs, huge tensors).
 
   quick    a pull-request gate: every configuration on every path, float32, the "groups"
-           parameter set (two groups with different hyperparameters), plus the first case of each
-           edge axis of each algorithm.
+           parameter set (two groups with different hyperparameters; "mixed" for an algorithm
+           that refuses groups) and the sparse-gradient one where it exists, plus the first cheap
+           case of each edge axis on each path (so quick < default < full).
   default  the ordinary matrix (float32 and float64, every parameter set) plus every cheap edge case.
   full     everything: every dtype the algorithm supports (float16 and bfloat16 too) and the
            expensive edge cases.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -44,18 +46,30 @@ class Level:
 
 
 def _first_per_axis(cases: list) -> list:
-    """The first cheap case of each axis (the first case when the axis has no cheap one)."""
-    chosen: dict[str, object] = {}
+    """The first cheap case of each axis on each path: fused kernels take their own route
+    through most conditions (AMP's found_inf, say)."""
+    chosen: dict[tuple, object] = {}
     for c in cases:
-        axis = axis_of(c)
-        if axis not in chosen or (cost_of(chosen[axis]) == "expensive" and cost_of(c) != "expensive"):
-            chosen[axis] = c
+        if cost_of(c) != "expensive":
+            chosen.setdefault((axis_of(c), c.path), c)
     return list(chosen.values())
 
 
+@functools.lru_cache(maxsize=None)
+def takes_param_groups(algorithm: str) -> bool:
+    """Whether torch's class accepts two parameter groups (LBFGS refuses them: its "groups" cases
+    only check that the candidate refuses them too, so they cannot stand in for the matrix)."""
+    cls = spec(algorithm).torch_class()
+    try:
+        cls([{"params": [torch.zeros(2, 2, requires_grad=True)]}, {"params": [torch.zeros(2, 2, requires_grad=True)]}])
+    except Exception:  # noqa: BLE001 - any refusal means the same
+        return False
+    return True
+
+
 LEVELS: dict[str, Level] = {
-    "quick": Level("quick", "every configuration and path, float32, groups parameter set; one case per edge axis",
-                   (torch.float32,), ("groups",), _first_per_axis),
+    "quick": Level("quick", "every configuration and path, float32, the groups (and sparse) parameter set; "
+                            "the first cheap case of each edge axis on each path", (torch.float32,), ("groups", "sparse"), _first_per_axis),
     "default": Level("default", "the matrix (float32, float64, every parameter set) and the cheap edge cases",
                      matrix.DTYPES, matrix.PARAM_SETS, lambda cases: [c for c in cases if cost_of(c) != "expensive"]),
     "full": Level("full", "every dtype, every parameter set, every edge case including long runs",
@@ -76,7 +90,11 @@ def select(name: str, algorithm: str, *, paths=None, dtypes=None, param_sets=Non
     lv = level(name)
     if dtypes is None:
         dtypes = lv.dtypes if spec(algorithm).low_precision else tuple(d for d in lv.dtypes if d not in LOW_PRECISION)
+    if param_sets is None:
+        param_sets = lv.param_sets
+        if "groups" in param_sets and not takes_param_groups(algorithm):
+            param_sets = tuple("mixed" if p == "groups" else p for p in param_sets)
     cases = matrix.build_cases([algorithm], tuple(paths or matrix.PATHS), tuple(dtypes),
-                               tuple(param_sets or lv.param_sets), steps or matrix.STEPS)
+                               tuple(param_sets), steps or matrix.STEPS)
     kept = {id(c) for c in lv.edge([c for c in cases if axis_of(c) != "base"])}
     return [c for c in cases if axis_of(c) == "base" or id(c) in kept]
