@@ -104,6 +104,30 @@ def class_for_kernel(kernel, algo: str) -> type:
                 {"kernel": staticmethod(kernel)})
 
 
+def private_copy(obj: Any, memo: dict | None = None) -> Any:
+    """copy.deepcopy for state dicts, several times faster: plain tensors are cloned (torch's
+    Tensor.__deepcopy__ costs tens of microseconds each), containers rebuilt, aliasing kept.
+    Anything else (Parameters, tensors needing grad, custom objects) goes through deepcopy."""
+    memo = {} if memo is None else memo
+    key = id(obj)
+    if key in memo:
+        return memo[key]
+    if type(obj) is Tensor and not obj.requires_grad and not obj.__dict__:
+        out = obj.clone()
+    elif type(obj) is dict:
+        out = {k: private_copy(v, memo) for k, v in obj.items()}
+    elif type(obj) is list:
+        out = [private_copy(v, memo) for v in obj]
+    elif type(obj) is tuple:
+        out = tuple(private_copy(v, memo) for v in obj)
+    elif obj is None or type(obj) in (int, float, bool, str, complex):
+        return obj
+    else:
+        out = copy.deepcopy(obj, memo)
+    memo[key] = out
+    return out
+
+
 def _params_for(pset: ParamSet, indices: list[int]) -> list[Tensor]:
     return [pset.params[i] for i in indices]
 
@@ -159,7 +183,7 @@ class OptimizerDriver:
         return {i: self.opt.state[p] for i, p in enumerate(self.pset.params) if p in self.opt.state}
 
     def state_dict(self) -> dict:
-        return copy.deepcopy(self.opt.state_dict())
+        return private_copy(self.opt.state_dict())
 
     def reload(self, state_dict: dict) -> None:
         """Rebuild a fresh optimizer over the same params and load `state_dict` into it.

@@ -77,6 +77,14 @@ LEVELS: dict[str, Level] = {
 }
 
 
+def suite_level() -> str:
+    """The level optparity's own test suites check at: $OPTPARITY_TEST_LEVEL, default "quick" (the
+    CI gate; `OPTPARITY_TEST_LEVEL=default` or `full` for the nightly runs)."""
+    import os
+
+    return level(os.environ.get("OPTPARITY_TEST_LEVEL", "quick")).name
+
+
 def level(name: str) -> Level:
     try:
         return LEVELS[name]

@@ -14,12 +14,12 @@ comparing a step; differences go to the case's tracker (record(step, where, para
 message))."""
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from torch import Tensor
 
 from optparity.harness.bitwise import compare
+from optparity.harness.candidates import private_copy
 
 # After these steps both sides' zero_grad(set_to_none=...) runs; the next step sets fresh grads.
 ZERO_GRAD = {3: False, 5: True}
@@ -91,7 +91,7 @@ class Observer:
             return opt
 
         def checked_reload(state_dict):
-            before = copy.deepcopy(state_dict)
+            before = private_copy(state_dict)
             reload(state_dict)
             changed = changes(state_dict, before)
             if changed:

@@ -12,11 +12,12 @@ optimizer and given the old one's state_dict, the way a training run resumes.
 """
 from __future__ import annotations
 
-import copy
 import zlib
 
 import torch
 from torch.optim import lr_scheduler
+
+from optparity.harness.candidates import private_copy
 
 
 def _one_cycle(opt, steps: int):
@@ -113,7 +114,7 @@ class _Scheduled:
         return out
 
     def reload(self, state_dict: dict) -> None:
-        private = copy.deepcopy(state_dict)  # the load may alias the dict it is given
+        private = private_copy(state_dict)  # the load may alias the dict it is given
         saved = self.scheduler.state_dict() if self.scheduler is not None else None
         self.inner_reload(state_dict)
         if saved is not None:
