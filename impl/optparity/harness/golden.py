@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from optparity.harness import conditions, matrix
+from optparity.harness import conditions, matrix, runner
 from optparity.harness.candidates import NotApplicable, make_driver
 from optparity.harness.matrix import CROSS_LOAD, LR_CHANGE, RELOAD_OWN, Case
 from optparity.harness.params import make_grads, make_params
@@ -156,20 +156,16 @@ class Trace:
 
 
 def _attempt(fn):
-    try:
-        return fn(), None
-    except NotApplicable:
-        raise
-    except Exception as e:  # noqa: BLE001 - an error is a recorded fact, compared like any other
-        return None, f"{type(e).__name__}: {e}"
+    """The runner's _attempt, with the error as its recorded text (an error is a fingerprint too)."""
+    value, error = runner._attempt(fn)
+    return value, None if error is None else runner._error_text(error)
 
 
 def _grad_through_step(pset) -> dict[str, Tensor | None]:
-    # As the runner does for differentiable=True: d(sum of updated params)/d(initial params).
-    leaves = [(n, leaf) for n, leaf in zip(pset.names, pset.leaves) if leaf.requires_grad]
-    loss = sum((p.abs() if p.is_complex() else p).sum() for p in pset.params if p.requires_grad)
-    grads = torch.autograd.grad(loss, [leaf for _, leaf in leaves], retain_graph=True, allow_unused=True)
-    return {n: g for (n, _), g in zip(leaves, grads)}
+    """The runner's gradient through the step (differentiable=True), by parameter name."""
+    _, grads = runner._grad_through_step(pset)
+    names = [n for n, leaf in zip(pset.names, pset.leaves) if leaf.requires_grad]
+    return dict(zip(names, grads))
 
 
 def _fingerprint(driver, pset, loss=None, with_loss=False, through_step=None) -> dict[str, str]:
