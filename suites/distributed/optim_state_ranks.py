@@ -355,13 +355,33 @@ def fsdp2_against_upstream(rank, ws, algo, backend="gloo"):
     full_sd = up_get(model, optim, options=StateDictOptions(full_state_dict=True))
     sharded_sd = up_get(model, optim)
     for name, sd, opts in (("full", full_sd, StateDictOptions(full_state_dict=True)),
+                           ("full, broadcast_from_rank0", full_sd,
+                            StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)),
                            ("sharded", sharded_sd, StateDictOptions())):
-        m1, o1 = _trained("fsdp2", algo, steps=1, backend=backend)
-        m2, o2 = _trained("fsdp2", algo, steps=1, backend=backend)
-        ost.set_optimizer_state_dict(m1, o1, sd, options=opts)
-        up_set(m2, o2, sd, options=opts)
-        out.append((f"set_optimizer_state_dict({name})", _dtensor_view(o1.state_dict()), _dtensor_view(o2.state_dict())))
+        for steps in (1, 0):  # into a trained optimizer, and into a fresh one (upstream steps it first)
+            m1, o1 = _trained("fsdp2", algo, steps=steps, backend=backend)
+            m2, o2 = _trained("fsdp2", algo, steps=steps, backend=backend)
+            given, before = _clone_tree(sd), _clone_tree(sd)
+            ost.set_optimizer_state_dict(m1, o1, given, options=opts)
+            up_set(m2, o2, _clone_tree(sd), options=opts)
+            what = f"set_optimizer_state_dict({name}) into {'a trained' if steps else 'a fresh'} optimizer"
+            # the optimizers themselves, not their state_dict(): param_groups' key order and value
+            # types (upstream's full route turns the betas tuple into a list) are compared too
+            out.append((what, _optimizer_view(o1), _optimizer_view(o2)))
+            train(m1, o1, range(3, 5))
+            train(m2, o2, range(3, 5))
+            out.append((what + ", 2 steps on", _optimizer_view(o1), _optimizer_view(o2)))
+            out.append((what + ": the caller's dict unchanged", _dtensor_view(given), _dtensor_view(before)))
     return _clone_tree(out)
+
+
+def _optimizer_view(optim):
+    """An optimizer's live state and param_groups, parameters by position."""
+    index = {p: i for i, p in enumerate(q for g in optim.param_groups for q in g["params"])}
+    state = {index[p]: st for p, st in sorted(optim.state.items(), key=lambda kv: index[kv[0]])}
+    order = [index[p] for p in optim.state]  # the state's own order too
+    groups = [{k: ([index[p] for p in v] if k == "params" else v) for k, v in g.items()} for g in optim.param_groups]
+    return _dtensor_view({"state": state, "param_groups": groups}) | {"state order": order}
 
 
 def _dtensor_view(sd):

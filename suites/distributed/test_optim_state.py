@@ -141,15 +141,13 @@ def test_fsdp_orig_params_upstream_mislabels_state(ranks, backend):
 @pytest.mark.parametrize("algo", ["AdamW", "SGD"])
 def test_fully_shard_get_set_match_upstream(ranks, algo, backend):
     for rank, triples in enumerate(ranks(3, backend).run(R.fsdp2_against_upstream, algo, backend, timeout=300)):
+        assert len(triples) == 4 + 3 * 2 * 3, [name for name, *_ in triples]
         for name, ours, theirs in triples:
-            if name.startswith("set_optimizer_state_dict"):
-                # upstream's set(full) turns tuple hyperparameters (betas) into lists; ours keeps them
-                assert_same(ours["state"], theirs["state"], f"rank {rank}: {name} state")
-                for g, h in zip(ours["param_groups"], theirs["param_groups"]):
-                    lists = lambda d: {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}  # noqa: E731
-                    assert lists(g) == lists(h), f"rank {rank}: {name} param_groups"
-                continue
             assert_same(ours, theirs, f"rank {rank}: {name}")
+        if algo == "AdamW":  # upstream's full route turns the betas tuple into a list; so does ours
+            by_name = {name: ours for name, ours, _ in triples}
+            assert type(by_name["set_optimizer_state_dict(full) into a trained optimizer"]["param_groups"][0]["betas"]) is list
+            assert type(by_name["set_optimizer_state_dict(sharded) into a trained optimizer"]["param_groups"][0]["betas"]) is tuple
 
 
 def _plain_trained(algo="Adam", steps=2):

@@ -104,8 +104,20 @@ def _is_zero(optim) -> bool:
     return hasattr(optim, "_partition_parameters") and hasattr(optim, "optim") and hasattr(optim, "_param_to_rank")
 
 
+def _is_named(optim) -> bool:
+    """A NamedOptimizer (ours or torch's _NamedOptimizer): FQN-keyed state_dict over `_optimizer`."""
+    return hasattr(optim, "_optimizer") and hasattr(optim, "ordered_param_keys")
+
+
+def _unnamed(optim):
+    """The optimizer that takes param-id keyed state dicts (a NamedOptimizer's wrapped one)."""
+    return optim._optimizer if _is_named(optim) else optim
+
+
 def _inner(optim):
-    """The optimizer whose `state` holds the tensors (ZeRO's local optimizer)."""
+    """The optimizer whose `state` holds the tensors (ZeRO's local optimizer, a NamedOptimizer's
+    wrapped one)."""
+    optim = _unnamed(optim)
     return optim.optim if _is_zero(optim) else optim
 
 
@@ -444,7 +456,7 @@ def _apply(optim, model, slots, by_param, plan, pieces, saved_groups) -> None:
         g = {k: copy.deepcopy(v) for k, v in saved.items() if k != "params"}
         g["params"] = [ids[p] for p in group["params"]]
         groups.append(g)
-    optim.load_state_dict({"state": state, "param_groups": groups})
+    _unnamed(optim).load_state_dict({"state": state, "param_groups": groups})
 
 
 def load_optim_state_shards(optim, model: nn.Module, shards: Iterable) -> None:
@@ -1059,7 +1071,7 @@ def _init_state_if_empty(optim) -> None:
     for g in optim.param_groups:
         if "lr" in g:
             g["lr"] = saved.pop(0)
-    optim.zero_grad(set_to_none=True)
+    _unnamed(optim).zero_grad(set_to_none=True)  # (a NamedOptimizer's own zero_grad does not work)
 
 
 def _options(options):
@@ -1084,11 +1096,15 @@ def get_optimizer_state_dict(model: nn.Module, optimizers, *, submodules=None, o
         sd = optim.state_dict()
         params = _optim_params(optim)
         names = [to_name[p] for p in params]
+        pid = {n: i for i, n in enumerate(names)}
+        # param ids become FQNs; as upstream, FQN keys (a NamedOptimizer's state_dict) become
+        # param ids: upstream maps both ways through one table
+        rekey = lambda k: names[k] if type(k) is int else pid[k]  # noqa: E731
         for k, v in sd["state"].items():
-            out["state"][names[k]] = v
+            out["state"][rekey(k)] = v
         for g in sd["param_groups"]:
             g = dict(g)
-            g["params"] = [names[i] for i in g["params"]]
+            g["params"] = [rekey(i) for i in g["params"]]
             out["param_groups"].append(g)
     if not (opts.full_state_dict or opts.cpu_offload):
         return out
@@ -1110,15 +1126,143 @@ def get_optimizer_state_dict(model: nn.Module, optimizers, *, submodules=None, o
     return {"state": state, "param_groups": out["param_groups"]}
 
 
+def _dcp_leaves(obj, path=()) -> list:
+    """(path, leaf) pairs the way distributed checkpoint flattens a state dict: mappings (keys as
+    str) and lists/tuples (indices) are walked, anything else is a leaf."""
+    out = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out += _dcp_leaves(v, path + (str(k),))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            out += _dcp_leaves(v, path + (i,))
+    else:
+        out.append((path, obj))
+    return out
+
+
+def _dcp_rebuild(leaves: dict) -> dict:
+    """The inverse of _dcp_leaves as upstream rebuilds: int path items make lists (so tuples come
+    back as lists), str items dicts; empty containers are gone."""
+    root: dict = {}
+    for path, value in leaves.items():
+        cur = root
+        for here, nxt in zip(path, path[1:]):
+            fresh = {} if type(nxt) is str else []
+            if isinstance(cur, dict):
+                cur = cur.setdefault(here, fresh)
+            else:
+                while len(cur) <= here:
+                    cur.append(None)
+                if cur[here] is None:
+                    cur[here] = fresh
+                cur = cur[here]
+        last = path[-1]
+        if isinstance(cur, list):
+            while len(cur) <= last:
+                cur.append(None)
+        cur[last] = value
+    return root
+
+
+def _own(v):
+    """A copy of a loaded leaf (upstream loads the caller's own step tensors, which the next step
+    would then advance in the caller's dict); tensors on the CPU, as upstream moves them."""
+    return v.detach().to("cpu", copy=True) if torch.is_tensor(v) else copy.deepcopy(v)
+
+
+def _split_for(optim, to_name: dict, sd: dict, strict: bool) -> dict:
+    """The part of an FQN-keyed dict for `optim`, in its parameter order (upstream's
+    _split_optim_state_dict): groups are {"params": [FQNs], then the saved group's settings},
+    state only for parameters that require grad. Raises, naming the FQN, when `strict` and such
+    a parameter has no state."""
+    saved_state, saved_groups = sd["state"], sd["param_groups"]
+    group_of = {}
+    for i, g in enumerate(saved_groups):
+        for f in g["params"]:
+            group_of.setdefault(f, i)
+    state, groups, match = {}, [], {}
+    for j, group in enumerate(optim.param_groups):
+        groups.append({"params": []})
+        for p in group["params"]:
+            fqn = to_name[p]
+            groups[-1]["params"].append(fqn)
+            if p.requires_grad:
+                if fqn in saved_state:
+                    state[fqn] = saved_state[fqn]
+                elif strict:
+                    raise OptimStateError(f"{fqn!r} requires grad but has no optimizer state in the checkpoint "
+                                          "(StateDictOptions(strict=False) loads it anyway, as upstream)")
+            if fqn in group_of:
+                match[group_of[fqn]] = j
+    for i, g in enumerate(saved_groups):
+        if i in match:
+            groups[match[i]].update({k: v for k, v in g.items() if k != "params"})
+    return {"state": state, "param_groups": groups}
+
+
 def set_optimizer_state_dict(model: nn.Module, optimizers, optim_state_dict: dict, *, options=None) -> None:
-    """torch.distributed.checkpoint.state_dict.set_optimizer_state_dict for one optimizer: an
-    FQN-keyed dict with full tensors (each rank takes its shard) or DTensor state."""
+    """torch.distributed.checkpoint.state_dict.set_optimizer_state_dict for one optimizer over a
+    fully_shard or plain model: an FQN-keyed dict with full tensors (full_state_dict: each rank
+    takes its part) or DTensor state. The optimizer ends up as upstream's, structure included:
+    state for parameters the checkpoint lacks is kept under full_state_dict (upstream merges into
+    the current state) and dropped otherwise; with full_state_dict the groups' tuples (betas)
+    become lists and the groups keep the optimizer's key order, otherwise "params" comes first.
+    Bad input raises OptimStateError naming the FQN before anything changes."""
     opts = _options(options)
     optims = optimizers if isinstance(optimizers, (list, tuple)) else (optimizers,)
     if len(optims) != 1:
         raise NotImplementedError("one optimizer at a time")
+    optim = optims[0]
     if opts.full_state_dict and opts.broadcast_from_rank0:
         holder = [optim_state_dict if dist.get_rank() == 0 else None]
         dist.broadcast_object_list(holder, src=0)
         optim_state_dict = holder[0]
-    load_full_optim_state(optims[0], model, optim_state_dict)
+    sd = optim_state_dict
+    if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
+        raise OptimStateError("an optimizer state dict needs 'state' and 'param_groups'")
+    if sd["state"] and all(type(k) is int for k in sd["state"]):
+        raise OptimStateError("the state dict is keyed by parameter id; set_optimizer_state_dict takes FQN keys "
+                              "(rekey it with to_fqn_keyed)")
+    to_name = _plain_param_to_fqn(model)
+    split = _split_for(optim, to_name, sd, opts.strict) if sd["state"] else sd
+    # validate everything (shapes, dtypes, groups, algorithm) before anything changes
+    slots, by_param, plan, pieces, _ = _full_to_local(split, model, optim)
+    _init_state_if_empty(optim)  # as upstream, before loading
+    built = {}
+    for slot in slots:
+        if slot.param in plan:
+            built[slot.fqns[0]] = _build(slot, plan[slot.param], pieces)
+    target = _unnamed(optim)
+    if not opts.full_state_dict:
+        # upstream loads its split dict as it is: state in parameter order, "params" first
+        state = {f: built[f] for f in split["state"] if f in built}
+        target.load_state_dict({"state": state, "param_groups": copy.deepcopy(split["param_groups"])})
+        return
+    # full_state_dict: upstream flattens the optimizer's current (FQN-keyed, local) dict and the
+    # split dict, overwrites the current leaves with the loaded ones and rebuilds
+    current = target.state_dict()
+    names = [to_name[p] for p in _optim_params(optim)]
+    local = {"state": {names[k]: v for k, v in current["state"].items()},
+             "param_groups": [{**{k: v for k, v in g.items() if k != "params"},
+                               "params": [names[i] for i in g["params"]]} for g in current["param_groups"]]}
+    merged = dict(_dcp_leaves(local))
+    loaded = _dcp_leaves(split)
+    for path, v in loaded:
+        if path[0] == "state" and len(path) == 3 and torch.is_tensor(v) and v.dim() > 0:
+            if path in merged:  # this rank's part, as the optimizer holds it
+                merged[path] = built[path[1]][path[2]]
+            continue
+        merged[path] = _own(v)
+    for path, v in loaded:  # leaves the optimizer lacks come in whole
+        if path not in merged:
+            merged[path] = v.detach().clone() if torch.is_tensor(v) else copy.deepcopy(v)
+    new = _dcp_rebuild(merged)
+    new.setdefault("state", {})
+    for g in new.get("param_groups", []):
+        g.setdefault("params", [])
+    ids = {n: i for i, n in enumerate(names)}
+    new["state"] = {ids[f]: st for f, st in new["state"].items()}
+    for g in new["param_groups"]:
+        g["params"] = [ids[f] for f in g["params"]]
+    target.load_state_dict(new)
