@@ -67,17 +67,22 @@ def device_for(backend: str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
 
 
-def wrap(net: Net, flavour: str, device: torch.device = torch.device("cpu")) -> nn.Module:
+def wrap(net: Net, flavour: str, device: torch.device = torch.device("cpu"), mesh: bool = False) -> nn.Module:
+    """`flavour` of `net`; mesh: FSDP built with a 1-D device_mesh (DTensor sharded optimizer state)."""
     cpu = device
     net = net.to(device)
     if flavour in ("fsdp", "fsdp_orig"):
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         orig = flavour == "fsdp_orig"
+        kw = dict(device_id=cpu, use_orig_params=orig)
+        if mesh:
+            from torch.distributed.device_mesh import init_device_mesh
+            kw["device_mesh"] = init_device_mesh(device.type, (dist.get_world_size(),))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # FSDP's world-size-1 and deprecation notices
-            net.block = FSDP(net.block, device_id=cpu, use_orig_params=orig)
-            net.frozen = FSDP(net.frozen, device_id=cpu, use_orig_params=orig)
-            return FSDP(net, device_id=cpu, use_orig_params=orig)
+            net.block = FSDP(net.block, **kw)
+            net.frozen = FSDP(net.frozen, **kw)
+            return FSDP(net, **kw)
     if flavour == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -228,8 +233,8 @@ def session(rank, ws, jobs):
 # comparisons with upstream (run inside the ranks)
 # ---------------------------------------------------------------------------
 
-def _trained(flavour: str, algo: str = "Adam", steps: int = 3, backend: str = "gloo"):
-    model = wrap(build_plain(), flavour, device_for(backend))
+def _trained(flavour: str, algo: str = "Adam", steps: int = 3, backend: str = "gloo", mesh: bool = False):
+    model = wrap(build_plain(), flavour, device_for(backend), mesh=mesh)
     optim = make_optim(model, flavour, algo)
     train(model, optim, range(steps))
     return model, optim
@@ -322,6 +327,76 @@ def fsdp_sharded_against_upstream(rank, ws, flavour, algo, backend="gloo"):
         given = full if rank == 0 else {}
         out.append(("optim_state_dict_to_load(FULL, rank0_only)", ost.optim_state_dict_to_load(model, optim, given),
                     FSDP.optim_state_dict_to_load(model, optim, _clone_tree(given))))
+    return _clone_tree(out)
+
+
+def _state_for_empty_shards(model, optim) -> list[str]:
+    """use_orig_params: one step on zero gradients for the parameters with no elements on this
+    rank (as NamedOptimizer.init_state gives them), so the optimizer holds (empty) state for them."""
+    empty = [s for s in ost._slots(model, optim) if s.kind == "view1d" and not s.pieces and s.param.requires_grad]
+    for p in model.parameters():
+        p.grad = None
+    for s in empty:
+        s.param.grad = torch.zeros_like(s.param)
+    if empty:
+        optim.step()
+    return [s.fqns[0] for s in empty]
+
+
+def fsdp_named_against_upstream(rank, ws, flavour, algo, backend="gloo"):
+    """optim_state_dict_to_load(is_named_optimizer=True) under FULL, FULL rank0_only and SHARDED
+    state_dict_type, ours and upstream's, on the same trained model and the same (our) dicts;
+    with use_orig_params the parameters with no elements on a rank hold (empty) state first."""
+    from torch.distributed.fsdp import (FullOptimStateDictConfig, FullStateDictConfig,
+                                        FullyShardedDataParallel as FSDP, StateDictType)
+    warnings.filterwarnings("ignore", module="torch")
+    warnings.simplefilter("ignore", FutureWarning)
+    model, optim = _trained(flavour, algo, backend=backend)
+    full = ost.full_optim_state_dict(model, optim, rank0_only=False)
+    sharded = ost.sharded_optim_state_dict(model, optim)
+    empty = _state_for_empty_shards(model, optim) if flavour == "fsdp_orig" else []
+    out = [("parameters with empty shards here", len(empty), len(empty))]
+    out.append(("FULL", ost.optim_state_dict_to_load(model, optim, full, is_named_optimizer=True),
+                FSDP.optim_state_dict_to_load(model, optim, _clone_tree(full), is_named_optimizer=True)))
+    with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=True),
+                              FullOptimStateDictConfig(rank0_only=True)):
+        given = full if rank == 0 else {}
+        out.append(("FULL rank0_only", ost.optim_state_dict_to_load(model, optim, given, is_named_optimizer=True),
+                    FSDP.optim_state_dict_to_load(model, optim, _clone_tree(given), is_named_optimizer=True)))
+    with FSDP.state_dict_type(model, StateDictType.SHARDED_STATE_DICT):
+        out.append(("SHARDED", ost.optim_state_dict_to_load(model, optim, sharded, is_named_optimizer=True),
+                    FSDP.optim_state_dict_to_load(model, optim, sharded, is_named_optimizer=True)))
+    return _clone_tree(out)
+
+
+def fsdp_dtensor_against_upstream(rank, ws, flavour, algo, backend="gloo"):
+    """FSDP built with a device_mesh: under SHARDED_STATE_DICT the optimizer state is DTensor
+    (the config's _use_dtensor); optim_state_dict and optim_state_dict_to_load, ours and
+    upstream's; LOCAL_STATE_DICT refused by both."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, StateDictType
+    warnings.filterwarnings("ignore", module="torch")
+    warnings.simplefilter("ignore", FutureWarning)
+    model, optim = _trained(flavour, algo, backend=backend, mesh=True)
+    out = []
+    with FSDP.state_dict_type(model, StateDictType.SHARDED_STATE_DICT):
+        ours, theirs = ost.optim_state_dict(model, optim), FSDP.optim_state_dict(model, optim)
+        assert FSDP.get_state_dict_type(model).optim_state_dict_config._use_dtensor
+        out.append(("optim_state_dict(SHARDED, device_mesh)", _dtensor_view(ours), _dtensor_view(theirs)))
+        out.append(("types", sorted({type(v).__name__ for st in ours["state"].values() for v in st.values()}),
+                    sorted({type(v).__name__ for st in theirs["state"].values() for v in st.values()})))
+        before = _dtensor_view(ours)
+        out.append(("optim_state_dict_to_load(SHARDED, device_mesh)", ost.optim_state_dict_to_load(model, optim, ours),
+                    FSDP.optim_state_dict_to_load(model, optim, ours)))
+        out.append(("our loader leaves the input unchanged", _dtensor_view(ours), before))
+    errors = []
+    for fn in (ost.optim_state_dict, FSDP.optim_state_dict):
+        try:
+            with FSDP.state_dict_type(model, StateDictType.LOCAL_STATE_DICT):
+                fn(model, optim)
+            errors.append(None)
+        except RuntimeError as e:
+            errors.append(str(e))
+    out.append(("LOCAL_STATE_DICT with a device_mesh", *errors))
     return _clone_tree(out)
 
 

@@ -653,18 +653,41 @@ def to_fqn_keyed(optim_state_dict: dict, model: nn.Module, optim) -> dict:
 
 
 def to_id_keyed(optim_state_dict: dict, model: nn.Module, optim) -> dict:
-    """The inverse of to_fqn_keyed, for `optim`'s parameter order. Shares no tensor with the input."""
+    """The inverse of to_fqn_keyed, for `optim`'s parameter order; takes NamedOptimizer's layout
+    too (each group's FQNs sorted, "params" first). Each group's params come out in `optim`'s
+    own order: torch.optim's load_state_dict pairs saved and current parameters by position, so
+    a sorted list would hand one parameter's state to another. Group i of the dict must hold
+    exactly the parameters of `optim`'s group i. Shares no tensor with the input."""
+    sd = optim_state_dict
+    if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
+        raise OptimStateError("an optimizer state dict needs 'state' and 'param_groups'")
     params = _optim_params(optim)
     to_name = _plain_param_to_fqn(model)
     ids = {to_name[p]: i for i, p in enumerate(params)}
-    out = copy.deepcopy(optim_state_dict)
-    for k in [*out["state"], *(f for g in out["param_groups"] for f in g["params"])]:
+    for k in [*sd["state"], *(f for g in sd["param_groups"] for f in g["params"])]:
         if k not in ids:
             raise OptimStateError(f"{k!r} is not a parameter of this optimizer")
+    if len(sd["param_groups"]) != len(optim.param_groups):
+        raise OptimStateError(f"the state dict has {len(sd['param_groups'])} parameter groups, this optimizer "
+                              f"{len(optim.param_groups)}")
+    mine = []
+    for i, (saved, group) in enumerate(zip(sd["param_groups"], optim.param_groups)):
+        own = [ids[to_name[p]] for p in group["params"]]
+        got = [ids[f] for f in saved["params"]]
+        if sorted(got) != sorted(own):
+            odd = sorted(set(got) ^ set(own)) or [got[0]]
+            raise OptimStateError(f"parameter {_name_of(ids, odd[0])!r} is in group {i} of only one of the state "
+                                  "dict and the optimizer")
+        mine.append(own)
+    out = copy.deepcopy(sd)
     out["state"] = {ids[k]: v for k, v in out["state"].items()}
-    for g in out["param_groups"]:
-        g["params"] = [ids[k] for k in g["params"]]
+    for g, own in zip(out["param_groups"], mine):
+        g["params"] = own
     return out
+
+
+def _name_of(ids: dict, pid: int) -> str:
+    return next(n for n, i in ids.items() if i == pid)
 
 
 # ---------------------------------------------------------------------------
@@ -740,9 +763,21 @@ def _chunk_sharded(t: torch.Tensor, group) -> Any:
         local, sharded_tensor_metadata=ShardedTensorMetadata(metas, t.size(), props), process_group=group)
 
 
+def _chunk_dtensor(t: torch.Tensor, mesh) -> Any:
+    """FSDP's DTensor layout (_use_dtensor): Shard(0) over the mesh's last dimension, replicated
+    over the others; each rank keeps its torch.chunk of the rows, no communication."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    replicated = [Replicate()] * mesh.ndim
+    placements = [Replicate()] * (mesh.ndim - 1) + [Shard(0)]
+    return DTensor.from_local(t.detach().clone(), mesh, replicated, run_check=False).redistribute(
+        mesh, placements)
+
+
 def _unshard(v: Any, fqn: str, key: str, group) -> Any:
-    """A ShardedTensor of dim-0 chunks -> the full tensor on every rank (collective)."""
+    """A ShardedTensor of dim-0 chunks, or a DTensor -> the full tensor on every rank (collective)."""
     from torch.distributed._shard.sharded_tensor import ShardedTensor
+    if _is_dtensor(v):
+        return v.full_tensor()
     if not isinstance(v, ShardedTensor):
         return v
     md = v.metadata()
@@ -782,7 +817,7 @@ def _all_gather_flat(buf: torch.Tensor, world: int, group) -> torch.Tensor:
 
 
 def _gathered_state(model: nn.Module, optim, rank0_only: bool, group, cpu_offload: bool,
-                    sharded: bool) -> dict[str, Any]:
+                    sharded: bool, mesh=None) -> dict[str, Any]:
     use_orig = _use_orig_params(model)
     keep = not rank0_only or dist.get_rank(group) == 0
     slots, by_param = _all_slots(model, optim)
@@ -843,7 +878,8 @@ def _gathered_state(model: nn.Module, optim, rank0_only: bool, group, cpu_offloa
                     t = gathered[offsets[i]:offsets[i] + flat._numels[i]].view(flat._shapes[i])
                     t = t.cpu() if cpu_offload else t
                     # copies, so no entry pins the gathered buffer
-                    full.setdefault(fqn, {})[k] = _chunk_sharded(t, group) if sharded else t.clone()
+                    full.setdefault(fqn, {})[k] = (t.clone() if not sharded else _chunk_dtensor(t, mesh)
+                                                   if mesh is not None else _chunk_sharded(t, group))
             del gathered
     if not keep:
         return {}
@@ -886,11 +922,16 @@ def _gathered_state(model: nn.Module, optim, rank0_only: bool, group, cpu_offloa
 def _state_dict_config(model) -> tuple[bool, Any]:
     """(full?, the optimizer-state config) of the model's state_dict_type."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, StateDictType
+    # as upstream, this sets the sharded config's _use_dtensor when FSDP was given a device_mesh
+    # (and refuses LOCAL_STATE_DICT then)
     settings = FSDP.get_state_dict_type(model)
-    cfg = settings.optim_state_dict_config
-    if getattr(cfg, "_use_dtensor", False):
-        raise NotImplementedError("_use_dtensor=True (DTensor optimizer state under FSDP1) is not supported")
-    return settings.state_dict_type == StateDictType.FULL_STATE_DICT, cfg
+    return settings.state_dict_type == StateDictType.FULL_STATE_DICT, settings.optim_state_dict_config
+
+
+def _fsdp_mesh(model):
+    """The device mesh FSDP was built with (None without one)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    return getattr(FSDP.fsdp_modules(model)[0], "_device_mesh", None)
 
 
 def optim_state_dict(model: nn.Module, optim, optim_state_dict: dict | None = None, group=None) -> dict:
@@ -898,35 +939,70 @@ def optim_state_dict(model: nn.Module, optim, optim_state_dict: dict | None = No
     offload_to_cpu), SHARDED_STATE_DICT and LOCAL_STATE_DICT the ShardedTensor dict."""
     full, cfg = _state_dict_config(model)
     if not full:
-        return sharded_optim_state_dict(model, optim, group=group, cpu_offload=getattr(cfg, "offload_to_cpu", False))
+        mesh = _fsdp_mesh(model) if getattr(cfg, "_use_dtensor", False) else None
+        if getattr(cfg, "_use_dtensor", False) and mesh is None:
+            raise OptimStateError("_use_dtensor=True needs FSDP built with a device_mesh")
+        return _gathered_state(model, optim, False, group, getattr(cfg, "offload_to_cpu", False), sharded=True,
+                               mesh=mesh)
     return full_optim_state_dict(model, optim, rank0_only=getattr(cfg, "rank0_only", False), group=group,
                                  cpu_offload=getattr(cfg, "offload_to_cpu", True))
 
 
-def _flattened_local(full: dict, model, optim) -> dict:
+def _flattened_local(full: dict, model, optim, named: bool = False) -> dict:
     """The local optimizer's param-id keyed state dict for an FQN-keyed full dict."""
-    return _local_dict(model, optim, *_full_to_local(full, model, optim))
+    return _local_dict(model, optim, *_full_to_local(full, model, optim), named=named,
+                       saved=set(full["state"]) if named else ())
 
 
-def _local_dict(model, optim, slots, by_param, plan, pieces, groups) -> dict:
+def _current_names(model) -> dict:
+    """Optimizer parameter -> its name in model.named_parameters() (FSDP prefixes and all), the key
+    upstream gives it for a NamedOptimizer: a FlatParameter under its own registered name, an
+    original parameter (use_orig_params) under its FQN."""
+    from torch.distributed.fsdp._common_utils import clean_tensor_name
+    from torch.distributed.fsdp._flat_param import FlatParameter
+    current, flat_clean = {}, {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        current[clean_tensor_name(name)] = name
+        if isinstance(p, FlatParameter):
+            flat_clean[p] = clean_tensor_name(name)
+    out = {}
+    for p, fqns in _param_to_fqns(model).items():
+        clean = flat_clean[p] if p in flat_clean else fqns[0]
+        if clean not in current:
+            raise OptimStateError(f"{clean!r} is not a name in the model's named_parameters()")
+        out[p] = current[clean]
+    return out
+
+
+def _local_dict(model, optim, slots, by_param, plan, pieces, groups, named: bool = False, saved=()) -> dict:
+    """The dict for `optim`'s load_state_dict. named (upstream's is_named_optimizer): keyed by the
+    parameters' names in model.named_parameters() instead of ids, each group's names sorted, and
+    an original parameter (use_orig_params) with no elements on this rank keeps a copy of the
+    state the optimizer holds for it, as upstream."""
     ids = {}
     for g in optim.param_groups:
         for p in g["params"]:
             ids[p] = len(ids)
+    names = _current_names(model) if named else None
+    inner_state = _inner(optim).state
     state = {}
     # upstream walks the model's parameters (module order), not the optimizer's: same here
     by_model_order = [by_param[p] for p in _param_to_fqns(model) if p in by_param]
     for s in by_model_order:
+        key = names[s.param] if named else ids[s.param]
         if s.param in plan:
             built = _build(s, plan[s.param], pieces)
             if s.kind == "flat":  # upstream walks a set of the state names: same order here
                 built = {k: built[k] for k in set(plan[s.param][0])}
-            state[ids[s.param]] = built
+            state[key] = built
+        elif named and s.kind == "view1d" and not s.pieces and s.fqns[0] in saved \
+                and inner_state.get(s.param) is not None:
+            state[key] = copy.deepcopy(inner_state[s.param])
     out_groups = []
     for saved, g in zip(groups, optim.param_groups):
-        gg = copy.deepcopy({k: v for k, v in saved.items() if k != "params"})
-        gg["params"] = [ids[p] for p in g["params"]]
-        out_groups.append(gg)
+        # the saved group's keys in its own order, "params" replaced where it stands (as upstream)
+        params = sorted({names[p] for p in g["params"]}) if named else [ids[p] for p in g["params"]]
+        out_groups.append({k: (params if k == "params" else copy.deepcopy(v)) for k, v in saved.items()})
     return {"state": state, "param_groups": out_groups}
 
 
@@ -935,15 +1011,14 @@ def optim_state_dict_to_load(model: nn.Module, optim, optim_state_dict: dict, is
     """FSDP.optim_state_dict_to_load: the dict to give optim.load_state_dict (with load_directly
     it is loaded and None returned). FULL_STATE_DICT with rank0_only: only rank 0's dict is read
     (it is broadcast); SHARDED/LOCAL_STATE_DICT: a sharded_optim_state_dict is gathered."""
-    if is_named_optimizer:
-        raise NotImplementedError("is_named_optimizer=True: load a NamedOptimizer with load_full_optim_state")
     full, cfg = _state_dict_config(model)
+    named = is_named_optimizer
     if not full:
-        out = flatten_sharded_optim_state_dict(optim_state_dict, model, optim, group=group)
+        out = _flatten_sharded(optim_state_dict, model, optim, group, named)
     elif getattr(cfg, "rank0_only", False):
-        out = scatter_full_optim_state_dict(optim_state_dict, model, optim=optim, group=group)
+        out = _scatter_full(optim_state_dict, model, optim, group, named)
     else:
-        out = _flattened_local(optim_state_dict, model, optim)
+        out = _flattened_local(optim_state_dict, model, optim, named)
     if load_directly:
         optim.load_state_dict(out)
         return None
@@ -963,7 +1038,10 @@ def flatten_sharded_optim_state_dict(sharded_optim_state_dict: dict, model: nn.M
     """FSDP.flatten_sharded_optim_state_dict: a sharded_optim_state_dict (any world size's
     ShardedTensors are gathered, collective) -> this rank's param-id keyed part. The input is
     not modified."""
-    sd = sharded_optim_state_dict
+    return _flatten_sharded(sharded_optim_state_dict, model, optim, group, False)
+
+
+def _flatten_sharded(sd: dict, model, optim, group, named: bool) -> dict:
     if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
         raise OptimStateError("an optimizer state dict needs 'state' and 'param_groups'")
     # every rank must take part in the same gathers: walk the FQNs in one order everywhere
@@ -971,7 +1049,7 @@ def flatten_sharded_optim_state_dict(sharded_optim_state_dict: dict, model: nn.M
     for fqn in sd["state"]:
         st = sd["state"][fqn]
         state[fqn] = {k: _unshard(v, fqn, k, group) for k, v in st.items()} if isinstance(st, dict) else st
-    return _flattened_local({"state": state, "param_groups": sd["param_groups"]}, model, optim)
+    return _flattened_local({"state": state, "param_groups": sd["param_groups"]}, model, optim, named)
 
 
 def scatter_full_optim_state_dict(full_optim_state_dict: dict | None, model: nn.Module, optim_input=None,
@@ -982,6 +1060,10 @@ def scatter_full_optim_state_dict(full_optim_state_dict: dict | None, model: nn.
     every rank validates that against its own parameters (all agree before any data moves, so
     bad input raises everywhere, naming the FQN); then each tensor is broadcast in turn and a
     rank keeps only the flat range it owns: one state tensor in flight at a time."""
+    return _scatter_full(full_optim_state_dict, model, optim, group, False)
+
+
+def _scatter_full(full_optim_state_dict, model, optim, group, named: bool) -> dict:
     me = dist.get_rank(group)
     src = dist.get_global_rank(group, 0) if group is not None else 0
     real: list[torch.Tensor] = []
@@ -1044,7 +1126,7 @@ def scatter_full_optim_state_dict(full_optim_state_dict: dict | None, model: nn.
         srcs = pieces[fqn]
         st = {k: kept.get((fqn, k), v) for k, v in srcs[0].state.items()}
         pieces[fqn] = [_Src(lo, hi, srcs[0].kinds, st)]
-    return _local_dict(model, optim, slots, by_param, plan, pieces, groups)
+    return _local_dict(model, optim, slots, by_param, plan, pieces, groups, named=named, saved=set(skel["state"]))
 
 
 # ---------------------------------------------------------------------------
