@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from optparity.harness.bitwise import compare, same_bits, ulp_distance
+from optparity.harness.bitwise import compare, max_ulp, same_bits, ulp_distance
 
 FLOATS = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
@@ -154,3 +154,27 @@ def test_complex_worst_location_is_the_complex_element():
     b[2] = complex(0.0, 1.0)
     diff = compare(b, a)
     assert diff.index == (2,) and diff.worst_index == (2,) and diff.max_abs_error == 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.complex64])
+def test_max_ulp_is_compares_max_ulp(dtype):
+    # the cheap measure (fused vs for-loop distances) must agree with compare() exactly,
+    # sign crossings, NaN/inf, -0.0 and doubles past 2**53 ULPs apart included
+    real = torch.float32 if dtype.is_complex else dtype
+    info = torch.finfo(real)
+    special = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, info.max, -info.max, info.tiny, -info.tiny],
+                           dtype=torch.float64).to(real)
+    gen = torch.Generator().manual_seed(3)
+    for trial in range(40):
+        a = torch.randn(30, generator=gen, dtype=torch.float64).to(real)
+        b = a.clone()
+        pick = torch.randint(0, 30, (5,), generator=gen)
+        b[pick] = special[torch.randint(0, len(special), (5,), generator=gen)]
+        if trial % 3 == 0:
+            b = -b
+        if dtype.is_complex:
+            a, b = torch.complex(a, b), torch.complex(b, a)
+        want = compare(a, b)
+        assert max_ulp(a, b) == (0 if want is None or want.max_ulp is None else want.max_ulp)
+    assert max_ulp(torch.zeros(2), torch.zeros(3)) is None
+    assert max_ulp(torch.zeros(2), torch.zeros(2, dtype=torch.float64)) is None

@@ -92,16 +92,34 @@ def test_all_writes_one_json_and_one_junit(tmp_path):
 
     from optparity.cli import _all_candidates
 
-    # The candidate count grows with every algorithm added (24 when this test was written);
-    # those the options select no case of are named and left out, not counted as passing.
+    # The candidate count grows with every algorithm added (23 when this test was written: kernels
+    # that are their class's kernel are covered by the class); those the options select no case
+    # of are named and left out, not counted as passing.
     out = run("check", "--all", "--level", "quick", "--paths", "forloop", "--dtypes", "float64",
               "--param-sets", "groups", "-q", "--json", "all.json", "--junit", "all.xml", tmp_path=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
     n = int(re.search(r"^all: (\d+) candidates, \d+ cases, 0 differ", out.stdout, re.M).group(1))
     skipped = out.stdout.count("no case to run") and len(out.stdout.split("no case to run for: ")[1].split("; "))
-    assert n >= 24 and n + skipped == len(_all_candidates())
+    assert n >= 18 and n + skipped == len(_all_candidates())
     doc = json.loads((tmp_path / "all.json").read_text())
     assert doc["ok"] is True and len(doc["reports"]) == n
     assert doc["cases"] == sum(r["cases"] for r in doc["reports"]) > 0
     suites = ET.parse(tmp_path / "all.xml").getroot().findall("testsuite")
     assert len(suites) == n and sum(int(s.get("tests")) for s in suites) == doc["cases"]
+
+
+def test_all_leaves_out_only_kernels_that_are_their_class_kernel(monkeypatch):
+    import optparity.functional
+    import optparity.optim
+    from optparity.cli import _all_candidates, _covered_kernels
+    from optparity.harness.algorithms import ALGORITHMS
+
+    covered = dict(_covered_kernels())
+    for kernel, cls in covered.items():
+        algo = cls.split(":")[1]
+        assert getattr(optparity.optim, algo).kernel is getattr(optparity.functional, algo.lower())
+        assert (cls, f"torch.optim:{algo}") in _all_candidates()
+    assert len(covered) == len(ALGORITHMS)
+    # a class that steps with other code than the kernel: the kernel is checked on its own
+    monkeypatch.setattr(optparity.optim.Adam, "kernel", staticmethod(lambda *a, **k: None))
+    assert ("optparity.functional:adam", "torch.optim:Adam") in _all_candidates()

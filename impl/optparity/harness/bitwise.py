@@ -98,6 +98,17 @@ def same_bits(candidate: Tensor, reference: Tensor) -> bool:
 
 def compare(candidate: Tensor, reference: Tensor) -> Difference | None:
     """None when the tensors are bit-identical (NaN matches NaN), else where and how they differ."""
+    # The common case first, in as few torch calls as possible (a check makes hundreds of
+    # thousands of these): two dense real CPU float tensors with the same bits.
+    if (type(candidate) is Tensor and type(reference) is Tensor and candidate.dtype is reference.dtype
+            and candidate.dtype in _INT_VIEW and candidate.is_cpu and reference.is_cpu
+            and candidate.layout is torch.strided and reference.layout is torch.strided
+            and candidate.shape == reference.shape):
+        view = _INT_VIEW[candidate.dtype]
+        c = candidate.detach() if candidate.requires_grad else candidate
+        r = reference.detach() if reference.requires_grad else reference
+        if torch.equal(c.view(view), r.view(view)):
+            return None
     if not isinstance(candidate, Tensor) or not isinstance(reference, Tensor):
         return Difference("type", candidate=type(candidate).__name__, reference=type(reference).__name__)
     if candidate.dtype != reference.dtype:
@@ -133,26 +144,10 @@ def compare(candidate: Tensor, reference: Tensor) -> Difference | None:
 
     neg_c, mag_c = _sign_magnitude(cand)
     neg_r, mag_r = _sign_magnitude(ref)
-    # float64 estimate of every distance, to rank them; exact Python ints where it matters.
-    same_sign = (mag_c - mag_r).abs().to(torch.float64)
-    cross_sign = mag_c.to(torch.float64) + mag_r.to(torch.float64) + 1.0
-    approx = torch.where(neg_c == neg_r, same_sign, cross_sign)
-    approx = torch.where(measured, approx, torch.zeros_like(approx))
-
-    def exact(flat: int) -> int:
-        return abs(_ordered(bool(neg_c.reshape(-1)[flat]), int(mag_c.reshape(-1)[flat]))
-                   - _ordered(bool(neg_r.reshape(-1)[flat]), int(mag_r.reshape(-1)[flat])))
 
     max_ulp = worst = max_abs = max_rel = scaled = None
     if bool(measured.any()):
-        flat_approx = approx.reshape(-1)
-        top = float(flat_approx.max())
-        if top < _EXACT_IN_DOUBLE:
-            worst_flat = int(flat_approx.argmax())
-            max_ulp = int(top)
-        else:  # rounding to double is monotone, so the true maximum is among the ties
-            ties = (flat_approx == top).nonzero().reshape(-1).tolist()
-            max_ulp, worst_flat = max((exact(i), i) for i in ties)
+        max_ulp, worst_flat = _largest_distance(neg_c, mag_c, neg_r, mag_r, measured)
         worst = _element(candidate, ref.shape, worst_flat)
         c64, r64 = cand.to(torch.float64), ref.to(torch.float64)
         abs_err = torch.where(measured, (c64 - r64).abs(), torch.zeros_like(c64))
@@ -173,13 +168,58 @@ def compare(candidate: Tensor, reference: Tensor) -> Difference | None:
     if kind == VALUE:
         sub = measured[first].reshape(-1)  # one component, or (re, im)
         base = _flat_index(ref.shape, first)
-        ulp = max(exact(base + k) for k in range(sub.numel()) if bool(sub[k]))
+        ulp = max(_exact(neg_c, mag_c, neg_r, mag_r, base + k) for k in range(sub.numel()) if bool(sub[k]))
     return Difference(
         "value", index=first, candidate=c_val, reference=r_val, abs_error=float(abs(c_val - r_val)),
         ulp=ulp, max_ulp=max_ulp, mismatched=int(elem_differ.sum()), kind=kind,
         nan_mismatches=_count(nan_kind, candidate), inf_mismatches=_count(inf_kind, candidate),
         max_abs_error=max_abs, max_rel_error=max_rel, worst_index=worst, scaled_error=scaled, numeric=True,
     )
+
+
+def _exact(neg_c, mag_c, neg_r, mag_r, flat: int) -> int:
+    """The exact ULP distance of flat element `flat` (a Python int)."""
+    return abs(_ordered(bool(neg_c.reshape(-1)[flat]), int(mag_c.reshape(-1)[flat]))
+               - _ordered(bool(neg_r.reshape(-1)[flat]), int(mag_r.reshape(-1)[flat])))
+
+
+def _largest_distance(neg_c, mag_c, neg_r, mag_r, measured: Tensor) -> tuple[int, int]:
+    """(largest ULP distance over the `measured` elements, its flat index), exactly: distances are
+    ranked by a float64 estimate, and ties at the top recomputed as Python ints when the
+    estimate is past the range where a double holds them exactly."""
+    same_sign = (mag_c - mag_r).abs().to(torch.float64)
+    cross_sign = mag_c.to(torch.float64) + mag_r.to(torch.float64) + 1.0
+    approx = torch.where(neg_c == neg_r, same_sign, cross_sign)
+    flat_approx = torch.where(measured, approx, torch.zeros_like(approx)).reshape(-1)
+    top = float(flat_approx.max())
+    if top < _EXACT_IN_DOUBLE:
+        return int(top), int(flat_approx.argmax())
+    # rounding to double is monotone, so the true maximum is among the ties
+    ties = (flat_approx == top).nonzero().reshape(-1).tolist()
+    best, flat = max((_exact(neg_c, mag_c, neg_r, mag_r, i), i) for i in ties)
+    return best, flat
+
+
+def max_ulp(candidate: Tensor, reference: Tensor) -> int | None:
+    """compare(candidate, reference).max_ulp without the rest of compare's report (0 when no
+    pair of finite elements differs): the cheap measure for distances that are only reported.
+    None when the two cannot be measured (not same-dtype, same-shape dense float tensors)."""
+    if (not isinstance(candidate, Tensor) or not isinstance(reference, Tensor) or candidate.dtype != reference.dtype
+            or candidate.shape != reference.shape or candidate.layout != torch.strided
+            or reference.layout != torch.strided):
+        return None
+    cand = _real_view(candidate.detach()).cpu()
+    ref = _real_view(reference.detach()).cpu()
+    if cand.dtype not in _INT_VIEW:
+        return None
+    if torch.equal(cand.view(_INT_VIEW[cand.dtype]), ref.view(_INT_VIEW[ref.dtype])):
+        return 0
+    neg_c, mag_c = _sign_magnitude(cand)
+    neg_r, mag_r = _sign_magnitude(ref)
+    measured = torch.isfinite(cand) & torch.isfinite(ref) & ((mag_c != mag_r) | (neg_c != neg_r))
+    if not bool(measured.any()):
+        return 0
+    return _largest_distance(neg_c, mag_c, neg_r, mag_r, measured)[0]
 
 
 def _first(mask: Tensor) -> tuple[int, ...]:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from optparity.harness import algorithms, conditions, objectives, observers, schedulers
-from optparity.harness.bitwise import Difference, compare
+from optparity.harness.bitwise import Difference, compare, max_ulp
 from optparity.harness.candidates import (NotApplicable, algorithm_of, kind_of, load_object, make_driver,
                                           options_not_accepted)
 from optparity.harness.matrix import CROSS_LOAD, LR_CHANGE, RELOAD_OWN, Case
@@ -439,9 +439,9 @@ def _run(case: Case, candidate: Subject, reference: Subject, result: CaseResult,
             _compare_backward(tracker, step, pset_c, pset_r)
         if forloop is not None and _attempt(lambda: conditions.step(case, forloop, _clone(grads), step))[1] is None:
             for pc, pf in zip(cand.pset.params, forloop.pset.params):
-                d = compare(pc, pf)
-                if d is not None and d.max_ulp is not None:
-                    result.fused_vs_forloop_ulp = max(result.fused_vs_forloop_ulp, d.max_ulp)
+                ulps = max_ulp(pc, pf)
+                if ulps is not None:
+                    result.fused_vs_forloop_ulp = max(result.fused_vs_forloop_ulp, ulps)
         if reloadable and step == RELOAD_OWN:
             _reload(tracker, step, cand, ref, cross=False)
         if reloadable and step == CROSS_LOAD:
