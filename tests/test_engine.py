@@ -97,6 +97,43 @@ def test_fail_fast_stops_at_the_same_case_whatever_the_workers():
     assert one.results[-1].status == "fail" and all(r.status != "fail" for r in one.results[:-1])
 
 
+# torch's SGD, logging when each of its optimizers is built and last stepped, and on how many threads
+LOGGING = textwrap.dedent("""
+    import os, time
+    import torch
+
+    class SGD(torch.optim.SGD):
+        def step(self, closure=None):
+            with open(os.environ["OPTPARITY_TEST_LOG"], "a") as log:
+                log.write(f"{id(self)} {os.getpid()} {torch.get_num_threads()} {time.monotonic()}\\n")
+            return super().step(closure)
+""")
+
+
+def test_cases_on_several_threads_run_alone(tmp_path, monkeypatch):
+    # beside another worker their threads would outnumber the cores (and every case slows down)
+    log = tmp_path / "log"
+    monkeypatch.setenv("OPTPARITY_TEST_LOG", str(log))
+    cls = _exec_class(LOGGING, "SGD")
+    cases = [c for c in levels.select("default", "SGD", paths=["forloop"]) if c.threads > 1 or c.axis == "base"]
+    threaded = [c for c in cases if c.threads > 1]
+    assert threaded and len(cases) > len(threaded)
+    # threaded ones first and several of them: the engine must hold them back and run them one by one
+    cases = threaded * 3 + cases[:12]
+    report = check(cls, "torch.optim:SGD", cases=cases, workers=2)
+    assert report.ok and len(report.results) == len(cases)
+    spans: dict[str, list] = {}
+    for line in log.read_text().split("\n"):
+        if line:
+            key, pid, threads, t = line.split()
+            spans.setdefault((key, pid, threads), [pid, int(threads), float(t), float(t)])[3] = float(t)
+    solo = [s for s in spans.values() if s[1] > 1]
+    assert solo, "no step ran on several threads"
+    for pid, threads, start, end in solo:
+        overlapping = [s for s in spans.values() if s[0] != pid and s[2] < end and s[3] > start]
+        assert not overlapping, f"another worker stepped while a {threads}-thread case ran: {overlapping[0]}"
+
+
 def test_hung_case_is_reported_with_its_step_and_the_run_goes_on():
     cls = _exec_class(HANGING, "SGD")
     cases = [c for c in matrix.build_cases(["SGD"], ("forloop", "foreach"), (matrix.DTYPES[0],), ("mixed",))

@@ -402,15 +402,22 @@ def _run_pool(plan, report, n, threads, timeout, fail_fast, progress) -> None:
     cases = plan.cases
     _PLAN = plan
     workers: list[_Worker] = []
-    # Edge-axis cases (large tensors, long runs, several threads) are the slow ones: handing them
-    # out first keeps one of them from running alone at the end. Results still go in case order.
-    queue = collections.deque(sorted(range(len(cases)), key=lambda i: (levels.axis_of(cases[i]) == "base", i)))
+    # Edge-axis cases (large tensors, long runs) are the slow ones: handing them out first keeps
+    # one of them from running alone at the end. Cases on several threads come last and run one
+    # at a time: beside another worker their threads would outnumber the cores, and each parallel
+    # region then waits for a descheduled thread (ten times slower on 2 cores). Results still go
+    # in case order.
+    solo = {i for i, c in enumerate(cases) if getattr(c, "threads", 1) > 1}
+    queue = collections.deque(sorted(range(len(cases)),
+                                     key=lambda i: (i in solo, levels.axis_of(cases[i]) == "base", i)))
     stop_at: int | None = None  # fail_fast: the first failing case seen so far
 
     def feed(w: _Worker) -> None:
         # With fail_fast, every case before the first failing one still runs, so the report is
         # the one a single in-process run gives.
         while queue:
+            if queue[0] in solo and any(o.index is not None for o in workers if o is not w):
+                break  # it waits until every other worker is idle
             index = queue.popleft()
             if stop_at is None or index < stop_at:
                 w.give(index)
@@ -466,6 +473,9 @@ def _run_pool(plan, report, n, threads, timeout, fail_fast, progress) -> None:
                 else:
                     continue
                 feed(w)
+            for w in workers:  # idle ones waiting for a one-at-a-time case to end
+                if w.index is None and queue:
+                    feed(w)
             if stop_at is not None:
                 for i, w in enumerate(workers):
                     if w.index is not None and w.index > stop_at:  # a later case, not needed
