@@ -30,6 +30,36 @@ HYPER = {
 GROUP0 = ("emb.weight", "emb.bias", "head.weight", "head.bias")  # the rest: group 1 at half lr
 
 
+class LegacySGD(oo.SGD):
+    """SGD as torch 1.x kept its state: momentum=0 stores {"momentum_buffer": None} for every
+    parameter that had a gradient (torch 2 SGD loads such checkpoints and keeps the None).
+    Non-tensor state, alongside SGD momentum=0 of torch 2 (no state at all)."""
+
+    def step(self, closure=None):
+        loss = super().step(closure)
+        for group in self.param_groups:
+            if group["momentum"] == 0:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        self.state[p].setdefault("momentum_buffer", None)
+        return loss
+
+
+class LateAdam(oo.Adam):
+    """Adam whose `head.bias` gets no gradient before step LATE_STEP (set_grads): until then it
+    has no state, while the other parameters have."""
+
+
+LATE = ("head.bias", 2)
+# non-tensor and absent state: not in HYPER (the core matrix), used by their own tests
+EXTRA_HYPER = {
+    "SGD0": dict(lr=0.05, momentum=0.0, weight_decay=0.01),
+    "LegacySGD": dict(lr=0.05, momentum=0.0, weight_decay=0.01),
+    "LateAdam": dict(lr=0.01, betas=(0.8, 0.95), weight_decay=0.01),
+}
+_CLASSES = {"SGD0": oo.SGD, "LegacySGD": LegacySGD, "LateAdam": LateAdam}
+
+
 SMALL = (3, 5, 7, 2)     # emb in, emb out = block in, block out, head out
 LARGE = (1024, 2048, 2048, 1024)  # 8.4M parameters: AdamW state 67 MB, for the memory figures
 
@@ -93,14 +123,20 @@ def wrap(net: Net, flavour: str, device: torch.device = torch.device("cpu"), mes
     return net
 
 
-def make_optim(model: nn.Module, flavour: str, algo: str):
-    cls = getattr(oo, algo)
-    hyper = HYPER[algo]
+def optim_groups(model: nn.Module, algo: str) -> list[dict]:
+    """The two parameter groups every optimizer here is built with (group 1 at half lr)."""
+    hyper = HYPER.get(algo) or EXTRA_HYPER[algo]
     to_fqns = ost._param_to_fqns(model)
     g0, g1 = [], []
     for p in model.parameters():
         (g0 if to_fqns[p][0] in GROUP0 else g1).append(p)
-    groups = [{"params": g0}, {"params": g1, "lr": hyper["lr"] * 0.5}]
+    return [{"params": g0}, {"params": g1, "lr": hyper["lr"] * 0.5}]
+
+
+def make_optim(model: nn.Module, flavour: str, algo: str):
+    cls = _CLASSES.get(algo) or getattr(oo, algo)
+    hyper = HYPER.get(algo) or EXTRA_HYPER[algo]
+    groups = optim_groups(model, algo)
     if flavour == "zero":
         return ZeRO(groups, cls, **hyper)
     return cls(groups, **hyper)
@@ -112,13 +148,21 @@ def global_grad(step: int, fqn: str, shape) -> torch.Tensor:
 
 
 def set_grads(model, optim, step: int) -> None:
-    """Every optimizer parameter gets this rank's part of the global gradient."""
+    """Every optimizer parameter gets this rank's part of the global gradient (LateAdam: none for
+    LATE's parameter before LATE's step)."""
+    late = LATE[0] if isinstance(ost._inner(optim), LateAdam) and step < LATE[1] else None
     for slot in ost._slots(model, optim) if not isinstance(optim, ZeRO) else []:
+        if late in slot.fqns:
+            if slot.kind == "flat":
+                raise ValueError("LateAdam needs a flavour that keeps parameters apart (not FSDP's FlatParameter)")
+            slot.param.grad = None
+            continue
         _place_grad(slot, step)
     if isinstance(optim, ZeRO):  # replicated: every rank sets the whole gradient
         to_fqns = ost._param_to_fqns(model)
         for p in model.parameters():
-            p.grad = global_grad(step, to_fqns[p][0], p.shape).to(p.device) if p.requires_grad else None
+            use = p.requires_grad and to_fqns[p][0] != late
+            p.grad = global_grad(step, to_fqns[p][0], p.shape).to(p.device) if use else None
 
 
 def _place_grad(slot, step: int) -> None:
@@ -438,8 +482,14 @@ def fsdp2_against_upstream(rank, ws, algo, backend="gloo"):
             m2, o2 = _trained("fsdp2", algo, steps=steps, backend=backend)
             given, before = _clone_tree(sd), _clone_tree(sd)
             ost.set_optimizer_state_dict(m1, o1, given, options=opts)
-            up_set(m2, o2, _clone_tree(sd), options=opts)
+            theirs = _outcome(lambda: up_set(m2, o2, _clone_tree(sd), options=opts))
             what = f"set_optimizer_state_dict({name}) into {'a trained' if steps else 'a fresh'} optimizer"
+            if theirs is not None:  # upstream raised (every rank alike, before any collective)
+                # pinned: upstream's full route needs a tensor in the optimizer's state to find a device
+                out.append((what + ": upstream raises", UPSTREAM_SET_NO_TENSOR_STATE, theirs))
+                got = ost.get_optimizer_state_dict(m1, o1, options=StateDictOptions(full_state_dict=True))
+                out.append((what + ": ours holds the checkpoint's state", got["state"], sd["state"]))
+                continue
             # the optimizers themselves, not their state_dict(): param_groups' key order and value
             # types (upstream's full route turns the betas tuple into a list) are compared too
             out.append((what, _optimizer_view(o1), _optimizer_view(o2)))
@@ -448,6 +498,10 @@ def fsdp2_against_upstream(rank, ws, algo, backend="gloo"):
             out.append((what + ", 2 steps on", _optimizer_view(o1), _optimizer_view(o2)))
             out.append((what + ": the caller's dict unchanged", _dtensor_view(given), _dtensor_view(before)))
     return _clone_tree(out)
+
+
+UPSTREAM_SET_NO_TENSOR_STATE = ("raised", "AssertionError", "Expected device to be set")
+UPSTREAM_RANK0_LOAD_NONE_STATE = ("raised", "AttributeError", "'NoneType' object has no attribute 'cpu'")
 
 
 def _optimizer_view(optim):
@@ -582,3 +636,64 @@ if __name__ == "__main__":
     import optim_state_ranks as R  # so the ranks unpickle the route by its module name
     with tempfile.TemporaryDirectory() as d:
         R.measure_memory(d)
+
+
+# ---------------------------------------------------------------------------
+# non-tensor and absent state against upstream (run inside the ranks)
+# ---------------------------------------------------------------------------
+
+def _outcome(fn):
+    """fn()'s result, or ("raised", type, last line) where it raises."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - upstream's failure is compared, not hidden
+        return ("raised", type(e).__name__, str(e).strip().splitlines()[-1] if str(e).strip() else "")
+
+
+def state_kinds_against_upstream(rank, ws, flavour, algo, rank0_loads=True, backend="gloo"):
+    """Every FSDP entry point, ours and upstream's, on a model whose optimizer holds non-tensor
+    state (LegacySGD: None), no state at all (SGD0), or no state for some parameters (frozen ones
+    always; LateAdam: head.bias before its first gradient); 0-dim `step` tensors with Adam.
+    rank0_loads=False leaves out upstream's rank0_only loaders (they raise on rank 0 only with
+    None state, which would leave the other ranks in a collective)."""
+    from torch.distributed.fsdp import (FullOptimStateDictConfig, FullStateDictConfig,
+                                        FullyShardedDataParallel as FSDP, StateDictType)
+    warnings.filterwarnings("ignore", module="torch")
+    warnings.simplefilter("ignore", FutureWarning)
+    model, optim = _trained(flavour, algo, steps=LATE[1] if algo == "LateAdam" else 3, backend=backend)
+    out = []
+    plain = build_plain()
+    popt = make_optim(plain, "plain", algo)
+    train(plain, popt, range(LATE[1] if algo == "LateAdam" else 3))
+    full = ost.full_optim_state_dict(model, optim, rank0_only=False)
+    frozen_full = _clone_tree(full)
+    out.append(("full vs single process", normalise(full), normalise(ost.to_fqn_keyed(popt.state_dict(), plain, popt))))
+    for r0 in (True, False):
+        out.append((f"full_optim_state_dict(rank0_only={r0})", ost.full_optim_state_dict(model, optim, rank0_only=r0),
+                    _outcome(lambda: FSDP.full_optim_state_dict(model, optim, rank0_only=r0))))
+    out.append(("optim_state_dict", ost.optim_state_dict(model, optim), _outcome(lambda: FSDP.optim_state_dict(model, optim))))
+    sharded = ost.sharded_optim_state_dict(model, optim)
+    out.append(("sharded_optim_state_dict", _sharded_view(sharded),
+                _outcome(lambda: _sharded_view(FSDP.sharded_optim_state_dict(model, optim)))))
+    out.append(("optim_state_dict_to_load", ost.optim_state_dict_to_load(model, optim, full),
+                _outcome(lambda: FSDP.optim_state_dict_to_load(model, optim, _clone_tree(full)))))
+    out.append(("optim_state_dict_to_load(is_named_optimizer)",
+                ost.optim_state_dict_to_load(model, optim, full, is_named_optimizer=True),
+                _outcome(lambda: FSDP.optim_state_dict_to_load(model, optim, _clone_tree(full), is_named_optimizer=True))))
+    out.append(("shard_full_optim_state_dict", ost.shard_full_optim_state_dict(full, model, optim=optim),
+                _outcome(lambda: FSDP.shard_full_optim_state_dict(_clone_tree(full), model, optim=optim))))
+    out.append(("flatten_sharded_optim_state_dict", ost.flatten_sharded_optim_state_dict(sharded, model, optim),
+                _outcome(lambda: FSDP.flatten_sharded_optim_state_dict(sharded, model, optim))))
+    with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=True),
+                              FullOptimStateDictConfig(rank0_only=True)):
+        given = full if rank == 0 else {}
+        ours = ost.optim_state_dict_to_load(model, optim, given)
+        out.append(("optim_state_dict_to_load(FULL, rank0_only)", ours,
+                    _outcome(lambda: FSDP.optim_state_dict_to_load(model, optim, _clone_tree(given)))
+                    if rank0_loads else ours))
+    ours = ost.scatter_full_optim_state_dict(full if rank == 0 else None, model, optim=optim)
+    out.append(("scatter_full_optim_state_dict", ours,
+                _outcome(lambda: FSDP.scatter_full_optim_state_dict(_clone_tree(full) if rank == 0 else None, model,
+                                                                    optim=optim)) if rank0_loads else ours))
+    out.append(("our loaders leave the input unchanged", full, frozen_full))
+    return _clone_tree(out)

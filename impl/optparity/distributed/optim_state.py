@@ -1336,8 +1336,14 @@ def set_optimizer_state_dict(model: nn.Module, optimizers, optim_state_dict: dic
                 merged[path] = built[path[1]][path[2]]
             continue
         merged[path] = _own(v)
-    for path, v in loaded:  # leaves the optimizer lacks come in whole
-        if path not in merged:
+    for path, v in loaded:  # leaves the optimizer lacks
+        if path in merged:
+            continue
+        if path[0] == "state" and len(path) == 3 and path[1] in built and torch.is_tensor(v) and v.dim() > 0:
+            # upstream puts the whole tensor here, and a DTensor parameter's next step then fails
+            # (mixed Tensor and DTensor); ours is this rank's part, as for every other state tensor
+            merged[path] = built[path[1]][path[2]]
+        else:
             merged[path] = v.detach().clone() if torch.is_tensor(v) else copy.deepcopy(v)
     new = _dcp_rebuild(merged)
     new.setdefault("state", {})
