@@ -123,3 +123,14 @@ def test_all_leaves_out_only_kernels_that_are_their_class_kernel(monkeypatch):
     # a class that steps with other code than the kernel: the kernel is checked on its own
     monkeypatch.setattr(optparity.optim.Adam, "kernel", staticmethod(lambda *a, **k: None))
     assert ("optparity.functional:adam", "torch.optim:Adam") in _all_candidates()
+
+
+def test_functional_classes_default_to_upstreams_functional_reference():
+    # as check --all pairs them (and --golden then reads that reference's goldens)
+    from optparity.harness.check import prepare
+
+    assert prepare("optparity.distributed:FunctionalAdam", level="quick").reference.label == \
+        "torch.distributed.optim.functional_adam:_FunctionalAdam"
+    assert prepare("optparity.optim:Adam", level="quick").reference.label == "torch.optim:Adam"
+    assert prepare("optparity.distributed:FunctionalAdam", "torch.optim:Adam", level="quick").reference.label == \
+        "torch.optim:Adam"

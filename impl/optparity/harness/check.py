@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import dataclasses
 import multiprocessing
 import os
 import signal
@@ -104,10 +105,37 @@ def _subject(spec: Any, algorithm: str | None, flag: str) -> Subject:
         raise UsageError(f"{flag} {spec}: loading it raised {type(e).__name__}: {e}") from e
 
 
-def _no_cases(algo: str, paths, dtypes, param_sets) -> str:
-    if paths and set(paths) <= {"fused"} and algo not in FUSED_ON_CPU:
+def resolve_device(flag: str, text: Any) -> str:
+    """"cpu", "cuda" or "cuda:N" as a Case holds it; UsageError for anything this machine cannot run.
+    Asks torch.cuda.device_count(), which (with NVML) does not initialise CUDA in this process, so
+    forked workers can still use the GPU."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, TypeError, ValueError):
+        raise UsageError(f"{flag} {text}: not a device; expected cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        if device.index not in (None, 0):
+            raise UsageError(f"{flag} {text}: there is one CPU device; use cpu")
+        return "cpu"
+    if device.type != "cuda":
+        raise UsageError(f"{flag} {text}: only cpu and cuda[:N] are supported, not {device.type}")
+    count = torch.cuda.device_count()
+    if count == 0:
+        why = ("torch.cuda.is_available() is False" if torch.backends.cuda.is_built()
+               else f"torch.cuda.is_available() is False: this torch ({torch.__version__}) is built without CUDA")
+        raise UsageError(f"{flag} {text}: this machine has no CUDA device ({why})")
+    if device.index is not None and device.index >= count:
+        have = ", ".join(f"cuda:{i}" for i in range(count))
+        raise UsageError(f"{flag} {text}: no such CUDA device; this machine has {count} ({have})")
+    return str(device)
+
+
+def _no_cases(algo: str, paths, dtypes, param_sets, devices=("cpu",)) -> str:
+    lacking = [d for d in devices if not matrix._has_fused(algo, d)]
+    if paths and set(paths) <= {"fused"} and lacking:
         have = [p for p in matrix.PATHS if p != "fused"]
-        return f"no case to run: {algo} has no fused CPU path (--paths fused); its paths are {', '.join(have)}"
+        where = "CUDA" if matrix.device_type(lacking[0]) == "cuda" else "CPU"
+        return f"no case to run: {algo} has no fused {where} path (--paths fused); its paths are {', '.join(have)}"
     chosen = [f"{flag} {','.join(str(v).replace('torch.', '') for v in vals)}"
               for flag, vals in (("--paths", paths), ("--dtypes", dtypes), ("--param-sets", param_sets)) if vals]
     return f"no case to run for {algo} with {' '.join(chosen) or 'these options'}"
@@ -115,13 +143,21 @@ def _no_cases(algo: str, paths, dtypes, param_sets) -> str:
 
 def prepare(candidate: Any, reference: Any = None, *, algorithm: str | None = None, level: str = "default",
             paths=None, dtypes=None, param_sets=None, steps: int | None = None,
-            cases: list[matrix.Case] | None = None, case_filter: str | None = None, **run_options) -> Plan:
+            cases: list[matrix.Case] | None = None, case_filter: str | None = None,
+            device: str | None = None, reference_device: str | None = None, **run_options) -> Plan:
     """Resolve everything a check needs; raises UsageError (naming the option) for bad input.
 
     case_filter: keep the cases whose id contains it or matches it as a regular expression.
+    device: where the candidate's parameters, gradients and state live ("cpu", the default, "cuda",
+    "cuda:N"; given with `cases`, it moves those cases there). reference_device: where the
+    reference's do, when elsewhere: then the cases compare across devices, and distances are
+    measured and reported (verdict "measured across devices"), not claimed zero.
     run_options are passed on to runner.run_case for every case (hyper=, numerics_only=, max_ulp=,
     rounding_ulp=: see runner.RunOptions)."""
     _check_run_options(run_options)
+    on = "cpu" if device is None else resolve_device("--device", device)  # before any case is built
+    ref_on = None if reference_device is None else resolve_device("--reference-device", reference_device)
+    ref_on = None if ref_on == on else ref_on
     if steps is not None and steps < 1:
         raise UsageError(f"--steps must be at least 1, got {steps}")
     if algorithm is not None and algorithm not in ALGORITHMS:
@@ -153,13 +189,18 @@ def prepare(candidate: Any, reference: Any = None, *, algorithm: str | None = No
                          f"{', '.join(ALGORITHMS)}")
     cand.algorithm = cand.algorithm or algo
     if cases is None:
-        cases = levels.select(level, algo, paths=paths, dtypes=dtypes, param_sets=param_sets, steps=steps)
+        cases = levels.select(level, algo, paths=paths, dtypes=dtypes, param_sets=param_sets, steps=steps,
+                              device=on, reference_device=ref_on)
+    elif device is not None or ref_on is not None:
+        cases = [dataclasses.replace(c, device=on, reference_device=ref_on) for c in cases]  # seeds kept
     if case_filter:
         cases = [c for c in cases if runner.matches_filter(c.id, case_filter)]
         if not cases:
             raise NoCases(f"no case id matches --filter {case_filter!r}")
     if not cases:
-        raise NoCases(_no_cases(algo, paths, dtypes, param_sets))
+        raise NoCases(_no_cases(algo, paths, dtypes, param_sets, (on,) if ref_on is None else (on, ref_on)))
+    for where in sorted({d for c in cases for d in (c.device, c.reference_device) if d not in (None, "cpu", on)}):
+        resolve_device("case device", where)  # cases given with a device of their own
     return Plan(cand, ref, list(cases), run_options)
 
 
@@ -234,6 +275,11 @@ def run(plan: Plan, *, fail_fast: bool = False, threads: int | None = 1, workers
                       "after that hangs in them: running the cases here, without workers or --timeout "
                       "(the optparity command never hits this)", stacklevel=2)
         pooled, timeout = False, None
+    if pooled and _cuda_initialised() and any(_uses_cuda(c) for c in plan.cases):
+        warnings.warn("CUDA is already initialised in this process, and a forked process cannot use it: running "
+                      "the cases here, without workers or --timeout (the optparity command does not initialise it first)",
+                      stacklevel=2)
+        pooled, timeout = False, None
     start = time.perf_counter()
     try:
         if pooled:
@@ -247,6 +293,15 @@ def run(plan: Plan, *, fail_fast: bool = False, threads: int | None = 1, workers
     finally:
         report.seconds = time.perf_counter() - start
     return report
+
+
+def _uses_cuda(case) -> bool:
+    devices = (getattr(case, "device", "cpu"), getattr(case, "reference_device", None))
+    return any(matrix.device_type(d) == "cuda" for d in devices)
+
+
+def _cuda_initialised() -> bool:
+    return torch.cuda.is_initialized()
 
 
 def _multithreaded(plan: Plan, threads: int | None) -> bool:

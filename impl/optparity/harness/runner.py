@@ -558,7 +558,16 @@ def _describe(div: Divergence) -> str:
 
 
 def default_reference(candidate: Subject) -> Subject:
+    """torch.optim's class of the candidate's algorithm; for optparity's own Functional* classes
+    torch.distributed.optim's functional class they reproduce (the pairing `check --all` uses)."""
     if candidate.algorithm is None:
         raise ValueError(f"cannot tell which torch.optim class {candidate.label} corresponds to; pass a reference")
-    return Subject(algorithms.torch_class(candidate.algorithm), "optimizer", candidate.algorithm,
-                   f"torch.optim:{candidate.algorithm}")
+    algo = candidate.algorithm
+    if algorithms.spec(algo).functional_upstream:
+        import optparity.distributed as od
+
+        if candidate.obj is getattr(od, f"Functional{algo}", None):
+            from optparity.harness.upstream import upstream_functional
+
+            return Subject.of(upstream_functional(algo), algo)
+    return Subject(algorithms.torch_class(algo), "optimizer", algo, f"torch.optim:{algo}")
