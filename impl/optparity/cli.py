@@ -123,8 +123,15 @@ def _add_check(sub) -> None:
                     "parameter and state tensor after every step.",
         epilog="levels:\n" + "\n".join(f"  {name:8} {lv.summary}" for name, lv in LEVELS.items())
                + "\n\nalgorithms: " + ", ".join(ALGORITHMS)
-               + "\n\nexit codes: 0 every case bit-identical; 1 a case differs, hung or crashed; 2 usage, import "
-                 "or output-path error (before any case runs); 130 interrupted (Ctrl-C), 143 terminated (SIGTERM), "
+               + "\n\ndevices: --device cuda[:N] runs the same matrix with parameters, gradients and state there, "
+                 "against torch's CUDA paths (for-loop, foreach, fused where torch has it, and torch's CUDA-only "
+                 "capturable configurations); ids of cases off the CPU end in @DEVICE. --reference-device DEV "
+                 "runs the reference elsewhere: such cases are not claimed bit-identical, their distance (max ULP, "
+                 "abs and rel error, measured on the CPU) is reported as 'measured across devices'."
+               + "\n\nexit codes: 0 every case bit-identical (or, with --reference-device, measured across devices: "
+                 "a distance fails only beyond --max-ulp, a NaN/inf mismatch only when --max-ulp is given); 1 a case "
+                 "differs, hung or crashed; 2 usage, import or output-path error, or a device this machine lacks "
+                 "(before any case runs); 130 interrupted (Ctrl-C), 143 terminated (SIGTERM), "
                  "each after the partial summary and reports")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--candidate", metavar="MODULE:NAME",
@@ -164,6 +171,12 @@ def _add_check(sub) -> None:
     p.add_argument("--max-ulp", type=_non_negative_int, metavar="N",
                    help="tolerance mode: numeric differences of at most N ULPs pass as 'within tolerance' "
                         "(reported as such; default: bit for bit)")
+    p.add_argument("--device", metavar="DEV", default=None,
+                   help="where the candidate's parameters, gradients and state live: cpu (default), cuda, cuda:N; "
+                        "the reference runs there too unless --reference-device says otherwise")
+    p.add_argument("--reference-device", metavar="DEV", default=None,
+                   help="run the reference on DEV instead (e.g. --device cuda --reference-device cpu): distances "
+                        "are measured and reported, not claimed zero (see exit codes)")
     p.add_argument("--html", metavar="DIR", help="write an HTML report (grid by verdict, error plots) into DIR")
     p.add_argument("--golden", nargs="?", const="", metavar="DIR",
                    help="check against recorded fingerprints in DIR (default reference/golden) instead of running "
@@ -309,13 +322,18 @@ def _check_command(args) -> int:
         return 2
 
     pairs = _all_candidates() if args.all else [(args.candidate, args.reference)]
+    devices = {"--device": args.device, "--reference-device": args.reference_device}
+    if args.golden is not None and any(d not in (None, "cpu") for d in devices.values()):
+        flag = next(f for f, d in devices.items() if d not in (None, "cpu"))
+        return usage(f"--golden with {flag} {devices[flag]}: the recorded fingerprints are of CPU runs")
     if args.golden is not None:
         from optparity.harness.golden import refuse_with_golden, run_golden_check
         return refuse_with_golden(args) or run_golden_check(args, pairs)
     options = dict(algorithm=args.algorithm, level=args.level, paths=args.paths,
                    dtypes=[_DTYPES[d] for d in args.dtypes] if args.dtypes else None,
                    param_sets=args.param_sets, steps=args.steps, hyper=dict(args.hyper),
-                   numerics_only=args.numerics_only, max_ulp=args.max_ulp, case_filter=args.case_filter)
+                   numerics_only=args.numerics_only, max_ulp=args.max_ulp, case_filter=args.case_filter,
+                   device=args.device, reference_device=args.reference_device)
     plans, no_cases = [], []
     try:
         for spec, reference in pairs:

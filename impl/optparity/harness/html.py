@@ -15,11 +15,12 @@ from optparity.harness.runner import Verdict
 COLOURS = {
     Verdict.BIT_IDENTICAL: "#2e7d32", Verdict.WITHIN_TOLERANCE: "#9ccc65", Verdict.NUMERICS_DIFFER: "#c62828",
     Verdict.API_DIFFERS: "#ef6c00", Verdict.NOT_APPLICABLE: "#bdbdbd", Verdict.SAME_ERROR: "#78909c",
-    Verdict.ERROR_ONE_SIDE: "#6a1b9a", Verdict.HUNG: "#212121",
+    Verdict.ERROR_ONE_SIDE: "#6a1b9a", Verdict.HUNG: "#212121", Verdict.MEASURED_ACROSS_DEVICES: "#0277bd",
 }
 # A grid cell holds every parameter set of its (config, path, dtype): it shows the worst of them.
 SEVERITY = [Verdict.HUNG, Verdict.ERROR_ONE_SIDE, Verdict.NUMERICS_DIFFER, Verdict.API_DIFFERS,
-            Verdict.WITHIN_TOLERANCE, Verdict.SAME_ERROR, Verdict.NOT_APPLICABLE, Verdict.BIT_IDENTICAL]
+            Verdict.WITHIN_TOLERANCE, Verdict.MEASURED_ACROSS_DEVICES, Verdict.SAME_ERROR, Verdict.NOT_APPLICABLE,
+            Verdict.BIT_IDENTICAL]
 MAX_PLOTS = 60  # per report; the rest are listed without a plot
 
 

@@ -92,9 +92,11 @@ def level(name: str) -> Level:
         raise ValueError(f"unknown --level {name!r}; known: {', '.join(LEVELS)}") from None
 
 
-def select(name: str, algorithm: str, *, paths=None, dtypes=None, param_sets=None, steps=None) -> list:
+def select(name: str, algorithm: str, *, paths=None, dtypes=None, param_sets=None, steps=None,
+           device: str = "cpu", reference_device: str | None = None) -> list:
     """The cases of `algorithm` at level `name`; paths / dtypes / param_sets / steps given
-    explicitly narrow or replace the level's own choice."""
+    explicitly narrow or replace the level's own choice. device / reference_device: where the
+    candidate and the reference run (matrix.build_cases); the same selection on every device."""
     lv = level(name)
     if dtypes is None:
         dtypes = lv.dtypes if spec(algorithm).low_precision else tuple(d for d in lv.dtypes if d not in LOW_PRECISION)
@@ -103,6 +105,7 @@ def select(name: str, algorithm: str, *, paths=None, dtypes=None, param_sets=Non
         if "groups" in param_sets and not takes_param_groups(algorithm):
             param_sets = tuple("mixed" if p == "groups" else p for p in param_sets)
     cases = matrix.build_cases([algorithm], tuple(paths or matrix.PATHS), tuple(dtypes),
-                               tuple(param_sets), steps or matrix.STEPS)
+                               tuple(param_sets), steps or matrix.STEPS, device=device,
+                               reference_device=reference_device)
     kept = {id(c) for c in lv.edge([c for c in cases if axis_of(c) != "base"])}
     return [c for c in cases if axis_of(c) == "base" or id(c) in kept]

@@ -33,9 +33,70 @@ CROSS_LOAD = 8
 LR_CHANGE = 6
 
 
-def configs(algo: str) -> list[dict]:
-    """torch's own test configurations, then ours (harness/algorithms/<algo>.py)."""
-    return spec(algo).configs()
+def configs(algo: str, device: str = "cpu") -> list[dict]:
+    """torch's own test configurations, then ours (harness/algorithms/<algo>.py); on CUDA also the
+    ones torch's tests run on CUDA only (CUDA_ONLY_CONFIGS, after the rest: CPU indices unchanged)."""
+    cfgs = spec(algo).configs()
+    if device_type(device) == "cuda":
+        cfgs += [c for c in CUDA_ONLY_CONFIGS.get(algo, ()) if not any(_same_config(c, d) for d in cfgs)]
+    return cfgs
+
+
+def device_type(device: str | None) -> str:
+    """"cuda" for "cuda" / "cuda:1", "cpu" for "cpu" (and None)."""
+    return (device or "cpu").partition(":")[0]
+
+
+def _same_config(a: dict, b: dict) -> bool:
+    def same(x, y):
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            return (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape
+                    and torch.equal(x, y))
+        if isinstance(x, tuple) and isinstance(y, tuple):
+            return len(x) == len(y) and all(map(same, x, y))
+        return type(x) is type(y) and x == y
+
+    return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+
+
+# The configurations torch 2.13's own optimizer tests (torch.testing._internal.common_optimizers)
+# add when the device is CUDA: capturable=True variants (state steps kept on the device, no host
+# synchronisation, so a step can be captured in a CUDA graph). On the CPU torch refuses capturable
+# (its supported devices are cuda, xpu, hpu, xla and the private-use backend), so these run only
+# when both sides are on CUDA. tests/test_device.py proves every CUDA-only configuration is here.
+def _t(x):
+    return torch.tensor(x)
+
+
+CUDA_ONLY_CONFIGS: dict[str, tuple[dict, ...]] = {
+    "Adadelta": ({"capturable": True}, {"weight_decay": 0.1, "capturable": True},
+                 {"lr": _t(0.001), "capturable": True}),
+    "Adam": ({"capturable": True}, {"weight_decay": 0.1, "amsgrad": True, "capturable": True},
+             {"lr": _t(0.001), "amsgrad": True, "capturable": True},
+             {"lr": _t(0.001), "betas": (_t([[[0.9]]]), _t([[0.99]])), "amsgrad": True, "capturable": True},
+             {"lr": _t(0.001), "betas": (_t(0.9), _t(0.99)), "amsgrad": False, "capturable": True}),
+    "Adamax": ({"capturable": True}, {"weight_decay": 0.9, "maximize": True, "capturable": True},
+               {"weight_decay": 0, "maximize": True, "capturable": True},
+               {"weight_decay": 0.9, "maximize": False, "capturable": True},
+               {"lr": _t(0.001), "weight_decay": 0.9, "maximize": False, "capturable": True}),
+    "AdamW": ({"capturable": True}, {"weight_decay": 0.1, "amsgrad": True, "capturable": True},
+              {"lr": _t(0.001), "amsgrad": True, "capturable": True},
+              {"lr": _t(0.001), "betas": (_t([[[0.9]]]), _t([[0.99]])), "amsgrad": True, "capturable": True},
+              {"lr": _t(0.001), "betas": (_t(0.9), _t(0.99)), "amsgrad": False, "capturable": True}),
+    "ASGD": ({"capturable": True}, {"maximize": True, "capturable": True}, {"weight_decay": 0.1, "capturable": True},
+             {"weight_decay": 0.1, "maximize": True, "capturable": True},
+             {"lr": _t(0.001), "weight_decay": 0.1, "maximize": True, "capturable": True}),
+    "NAdam": ({"capturable": True}, {"weight_decay": 0.9, "momentum_decay": 0.006, "capturable": True},
+              {"weight_decay": 0.9, "momentum_decay": 0.006, "decoupled_weight_decay": True, "capturable": True},
+              {"lr": _t(0.001), "weight_decay": 0.9, "momentum_decay": 0.006, "decoupled_weight_decay": True,
+               "capturable": True}),
+    "RAdam": ({"capturable": True}, {"capturable": True, "weight_decay": 0.1},
+              {"capturable": True, "weight_decay": 0.1, "decoupled_weight_decay": True},
+              {"lr": _t(0.001), "capturable": True, "weight_decay": 0.1, "decoupled_weight_decay": True}),
+    "RMSprop": ({"capturable": True}, {"weight_decay": 0.1, "maximize": True, "capturable": True},
+                {"lr": _t(0.001), "capturable": True}),
+    "Rprop": ({"capturable": True}, {"lr": _t(0.001), "capturable": True}),
+}
 
 
 def format_config(config: dict) -> str:
@@ -69,6 +130,16 @@ class Case:
     default_dtype: torch.dtype | None = None
     amp: bool = False
     scheduler: str | None = None  # an LR scheduler recipe stepped alongside (harness/schedulers.py)
+    # Where the candidate's parameters, gradients and state live ("cpu", "cuda", "cuda:1"), and the
+    # reference's when it is elsewhere (None: the same device). Neither changes the seed: a case on
+    # CUDA starts from the numbers of the same case on the CPU (harness/params.py).
+    device: str = "cpu"
+    reference_device: str | None = None
+
+    @property
+    def across_devices(self) -> bool:
+        """The reference runs on another device: distances are measured, not claimed zero."""
+        return self.reference_device is not None and self.reference_device != self.device
 
     @property
     def id(self) -> str:
@@ -87,6 +158,10 @@ class Case:
                 text += f",{self.scheduler}"
             if self.steps != STEPS:
                 text += f",steps={self.steps}"
+        if self.device != "cpu" or self.across_devices:  # CPU ids are what they always were (goldens)
+            text += f"@{self.device}"
+            if self.across_devices:
+                text += f",reference={self.reference_device}"
         return text
 
     def path_kwargs(self) -> dict:
@@ -113,44 +188,76 @@ def param_sets_for(algo: str, param_sets) -> list[str]:
     return out
 
 
-def _runs(algo: str, path: str, dtype: torch.dtype) -> bool:
-    """Does `algo` have this path and dtype? A path whose flag torch's class does not take
-    (Muon and SparseAdam have no foreach) is left out rather than run to a TypeError."""
+def _runs(algo: str, path: str, dtype: torch.dtype, devices=("cpu",)) -> bool:
+    """Does `algo` have this path and dtype (on each of `devices`)? A path whose flag torch's class
+    does not take (Muon and SparseAdam have no foreach) is left out rather than run to a TypeError;
+    fused is there on the CPU for FUSED_ON_CPU, on CUDA for the algorithms with fused_on_cuda."""
     s = spec(algo)
-    if (path == "fused" and algo not in FUSED_ON_CPU) or (path == "foreach" and not s.foreach):
+    if path == "fused" and not all(_has_fused(algo, d) for d in devices):
+        return False
+    if path == "foreach" and not s.foreach:
         return False
     if path in ("forloop", "foreach") and "foreach" not in inspect.signature(s.torch_class()).parameters:
         return False
     return s.low_precision or dtype not in (torch.float16, torch.bfloat16)
 
 
-def _upstream_nondeterministic(algo: str, config: dict, path: str, dtype: torch.dtype, pset: str) -> bool:
+def _refused_across(config: dict, devices) -> bool:
+    """A CUDA side against a CPU side with capturable=True: torch's CPU side refuses it at its first
+    step (capturable needs the state on a CUDA-like device), so the case could only differ."""
+    return bool(config.get("capturable")) and len({device_type(d) for d in devices}) > 1
+
+
+def _has_fused(algo: str, device: str) -> bool:
+    return spec(algo).fused_on_cuda if device_type(device) == "cuda" else algo in FUSED_ON_CPU
+
+
+def _upstream_nondeterministic(algo: str, config: dict, path: str, dtype: torch.dtype, pset: str,
+                               devices=("cpu",)) -> bool:
     """Cases whose reference is not deterministic, so no candidate can match it bit for bit:
     torch 2.13's fused CPU SGD with momentum on float16/bfloat16 tensors of 64+ elements gives a
     different momentum_buffer from run to run (an element now and then is garbage, e.g. -inf) from
     the second step on (README, "What the harness found upstream")."""
     low = dtype in (torch.float16, torch.bfloat16) or pset == "dtype_mix"
-    return algo == "SGD" and path == "fused" and bool(config.get("momentum")) and low
+    on_cpu = any(device_type(d) == "cpu" for d in devices)  # the CPU kernel's fault, not CUDA's
+    return algo == "SGD" and path == "fused" and bool(config.get("momentum")) and low and on_cpu
 
 
 def build_cases(algorithms=ALGORITHMS, paths=PATHS, dtypes=DTYPES, param_sets=PARAM_SETS,
-                steps: int = STEPS) -> list[Case]:
+                steps: int = STEPS, device: str = "cpu", reference_device: str | None = None) -> list[Case]:
     """The base matrix over `dtypes` x `param_sets`, then each algorithm's edge cases (which pick
-    their own dtypes and parameter sets; `paths` narrows them too, `steps` caps all but long runs)."""
+    their own dtypes and parameter sets; `paths` narrows them too, `steps` caps all but long runs).
+
+    device: where the candidate runs, reference_device: where the reference does (None: the same).
+    A path or configuration is kept when both devices have it: fused where torch ships a fused
+    kernel for that device, CUDA_ONLY_CONFIGS when both are CUDA devices. Seeds are those of the
+    CPU cases, so every device starts from the same numbers."""
+    devices = (device,) if reference_device in (None, device) else (device, reference_device)
+    config_device = "cuda" if all(device_type(d) == "cuda" for d in devices) else "cpu"
     cases = []
     for algo in algorithms:
-        for index, config in enumerate(configs(algo)):
+        for index, config in enumerate(configs(algo, config_device)):
+            if _refused_across(config, devices):
+                continue
             for path, dtype, pset in itertools.product(paths, dtypes, param_sets_for(algo, param_sets)):
-                if not _runs(algo, path, dtype) or _upstream_nondeterministic(algo, config, path, dtype, pset):
+                if (not _runs(algo, path, dtype, devices)
+                        or _upstream_nondeterministic(algo, config, path, dtype, pset, devices)):
                     continue
                 case = Case(algo, config, path, dtype, pset, steps=steps, config_index=index,
                             second_group=spec(algo).second_group)
                 case.seed = zlib.crc32(case.id.encode())  # stable whatever subset is chosen
                 cases.append(case)
-        cases += edge_cases(algo, paths, steps)
+        cases += edge_cases(algo, paths, steps, devices)
         from optparity.harness.schedulers import scheduler_cases  # it imports this module
 
-        cases += scheduler_cases(algo, paths, dtypes, steps)
+        scheduled = scheduler_cases(algo, paths, dtypes, steps)
+        if devices != ("cpu",):
+            scheduled = [c for c in scheduled
+                         if _runs(algo, c.path, c.dtype, devices) and not _refused_across(c.config, devices)]
+        cases += scheduled
+    if devices != ("cpu",):  # seeds were taken from the CPU ids above
+        for case in cases:
+            case.device, case.reference_device = device, (None if len(devices) == 1 else reference_device)
     return cases
 
 
@@ -192,6 +299,16 @@ def _edge_plan(algo: str):
     ]
     if lowp:
         plan += [("low_precision", "cheap", rep, PATHS, lowp, base_set, STEPS, {})]
+        # every other configuration in both low-precision dtypes too, each on one path (the paths
+        # rotate with the configuration, bfloat16 and float16 one path apart): a config-specific
+        # low-precision bug (amsgrad's max in bf16, a weight decay rounded twice) shows at the
+        # default level; the full cross is the full level's
+        # (not for closure optimizers: a step of theirs is a whole inner optimisation)
+        have = [p for p in PATHS if _runs(algo, p, lowp[0])]
+        for i in every if s.kind != "closure" else ():
+            if i not in rep:
+                plan += [("low_precision", "cheap", [i], (have[(i + k) % len(have)],), (dtype,), base_set, STEPS, {})
+                         for k, dtype in enumerate(lowp)]
     if s.kind == "dense":  # the sets below are of dense tensors of any shape
         plan += [
             ("sizes", "cheap", first, kernels, _F32, "sizes", 6, {}),
@@ -212,13 +329,16 @@ def _edge_plan(algo: str):
     return plan
 
 
-def edge_cases(algo: str, paths=PATHS, steps: int = STEPS) -> list[Case]:
+def edge_cases(algo: str, paths=PATHS, steps: int = STEPS, devices=("cpu",)) -> list[Case]:
+    """The edge cases of `algo` (on CPU configurations, even on CUDA: `devices` only drops the paths
+    and cases a device lacks); build_cases sets their device."""
     out, seen = [], set()
     for axis, cost, indices, axis_paths, dtypes, pset, n, extra in _edge_plan(algo):
         n = n if axis == "lengths" else min(n, steps)
         for index, path, dtype in itertools.product(indices, axis_paths, dtypes):
-            if (path not in paths or not _runs(algo, path, dtype)
-                    or _upstream_nondeterministic(algo, configs(algo)[index], path, dtype, pset)):
+            config = configs(algo)[index]
+            if (path not in paths or not _runs(algo, path, dtype, devices) or _refused_across(config, devices)
+                    or _upstream_nondeterministic(algo, config, path, dtype, pset, devices)):
                 continue
             case = Case(algo, configs(algo)[index], path, dtype, pset, steps=n, config_index=index,
                         second_group=spec(algo).second_group, axis=axis, cost=cost, **extra)

@@ -21,6 +21,9 @@ class ParamSet:
     add_later: bool = False  # groups after the first go to add_param_group, not the constructor
     # Edge-condition sets (harness/params.py, below) make their own gradients: (seed, step) -> grads.
     grad_maker: Callable[[int, int], list] | None = None
+    # Where the tensors live (harness/matrix.py's Case.device): every set is drawn on the CPU with
+    # the same generator and then moved (to_device), so a CUDA case starts from the CPU case's numbers.
+    device: str = "cpu"
 
 
 def _randn(gen: torch.Generator, shape, dtype: torch.dtype) -> Tensor:
@@ -35,8 +38,49 @@ def _complex_of(dtype: torch.dtype) -> torch.dtype:
     return {torch.float32: torch.complex64, torch.float64: torch.complex128}.get(dtype, dtype)
 
 
+def to_device(t: Tensor, device: str) -> Tensor:
+    """`t` on `device`, laid out as it is here: same sizes, strides and storage offset (a plain
+    .to() would make a gapped view contiguous), same bits. Sparse tensors keep their indices and
+    values in order (and so their coalesced flag). A tensor already there is returned as is."""
+    target = torch.device(device)
+    if t.device == target or (target.type == "cpu" and t.is_cpu):  # "cpu:0" is the CPU too
+        return t
+    if t.is_sparse:
+        return t.to(device)
+    storage = t.untyped_storage()
+    whole = torch.empty(0, dtype=t.dtype).set_(storage, 0, (storage.nbytes() // t.element_size(),), (1,))
+    return whole.to(device).as_strided(t.size(), t.stride(), t.storage_offset())
+
+
+def _moved(pset: ParamSet, device: str, differentiable: bool) -> ParamSet:
+    """`pset` (built on the CPU) moved to `device` in place, wrapped as make_params wraps it: a
+    trainable differentiable parameter is again a non-leaf clone of its leaf, retaining its grad."""
+    leaves, params = [], []
+    for leaf, param in zip(pset.leaves, pset.params):
+        t = to_device(leaf.detach(), device)
+        if differentiable and param is not leaf:
+            t.requires_grad_(True)
+            moved = t.clone(memory_format=torch.preserve_format)
+            moved.retain_grad()
+            leaves.append(t)
+            params.append(moved)
+        else:
+            t.requires_grad_(leaf.requires_grad)
+            leaves.append(t)
+            params.append(t)
+    pset.leaves, pset.params, pset.device = leaves, params, device  # grad makers read pset.params
+    return pset
+
+
 def make_params(param_set: str, dtype: torch.dtype, seed: int, second_group: dict,
-                differentiable: bool = False) -> ParamSet:
+                differentiable: bool = False, device: str = "cpu") -> ParamSet:
+    """The parameter set `param_set`, drawn on the CPU; on `device` when that is not "cpu"."""
+    pset = _make_params(param_set, dtype, seed, second_group, differentiable)
+    return pset if device == "cpu" else _moved(pset, device, differentiable)
+
+
+def _make_params(param_set: str, dtype: torch.dtype, seed: int, second_group: dict,
+                 differentiable: bool) -> ParamSet:
     if param_set in EDGE_SETS:
         return EDGE_SETS[param_set](dtype, seed, differentiable)
     gen = torch.Generator().manual_seed(seed)
@@ -118,7 +162,15 @@ def _sparse_grad(name: str, g: Tensor, step: int) -> Tensor:
 
 
 def make_grads(pset: ParamSet, seed: int, step: int) -> list[Tensor | None]:
-    """Gradients for `step` (1-based), the same for every optimizer of a case."""
+    """Gradients for `step` (1-based), the same for every optimizer of a case, drawn on the CPU
+    and moved to the parameters' device."""
+    grads = _make_grads(pset, seed, step)
+    if pset.device == "cpu":
+        return grads
+    return [None if g is None else to_device(g, pset.device) for g in grads]
+
+
+def _make_grads(pset: ParamSet, seed: int, step: int) -> list[Tensor | None]:
     if pset.grad_maker is not None:
         return pset.grad_maker(seed, step)
     gen = torch.Generator().manual_seed(seed * 1009 + step)

@@ -54,7 +54,8 @@ def rejected_options(results) -> dict[str, int]:
 
 _COLUMNS = {Verdict.BIT_IDENTICAL: "identical", Verdict.WITHIN_TOLERANCE: "tolerated",
             Verdict.NUMERICS_DIFFER: "numerics", Verdict.API_DIFFERS: "api", Verdict.NOT_APPLICABLE: "n/a",
-            Verdict.SAME_ERROR: "same_error", Verdict.ERROR_ONE_SIDE: "error", Verdict.HUNG: "hung"}
+            Verdict.SAME_ERROR: "same_error", Verdict.ERROR_ONE_SIDE: "error", Verdict.HUNG: "hung",
+            Verdict.MEASURED_ACROSS_DEVICES: "measured"}
 
 
 def summary_table(report: CheckReport) -> pd.DataFrame:
@@ -92,6 +93,21 @@ def _mode(report: CheckReport) -> list[str]:
     return lines
 
 
+def _across_devices(results) -> list[str]:
+    """The report line of cases whose reference ran on another device (check --reference-device)."""
+    measured = [r for r in results if r.verdict == Verdict.MEASURED_ACROSS_DEVICES]
+    if not measured:
+        return []
+    worst = max(measured, key=lambda r: (r.worst_ulp, r.max_rel_error))
+    pairs = sorted({f"candidate on {r.case.device}, reference on {r.case.reference_device}" for r in measured})
+    line = (f"measured across devices ({'; '.join(pairs)}), not claimed equal: {len(measured)} cases, "
+            f"{sum(1 for r in measured if r.first_numeric is None)} without a difference; max {worst.worst_ulp} ulp "
+            f"in {worst.case.id}{_where(worst.worst)}; max abs err {max(r.max_abs_error for r in measured):.3g}, "
+            f"max rel err {max(r.max_rel_error for r in measured):.3g}")
+    nan_inf = sum(r.nan_mismatches + r.inf_mismatches for r in measured)
+    return [line + (f"; {nan_inf} NaN/inf mismatches" if nan_inf else "")]
+
+
 def format_text(report: CheckReport) -> str:
     lines = [f"candidate: {report.candidate}", f"reference: {report.reference}", *_mode(report), ""]
     table = summary_table(report)
@@ -116,6 +132,7 @@ def format_text(report: CheckReport) -> str:
             lines.append(f"  NaN/inf mismatches (not counted as ULPs): "
                          f"{sum(r.nan_mismatches for r in numeric)} NaN vs number, "
                          f"{sum(r.inf_mismatches for r in numeric)} infinity")
+    lines += _across_devices(results)
     rejected = rejected_options(results)
     if rejected:
         lines.append("options the candidate rejected (cases not applicable): "

@@ -22,7 +22,7 @@ from optparity.harness.bitwise import Difference, compare, max_ulp
 from optparity.harness.candidates import (NotApplicable, algorithm_of, kind_of, load_object, make_driver,
                                           options_not_accepted)
 from optparity.harness.matrix import CROSS_LOAD, LR_CHANGE, RELOAD_OWN, Case
-from optparity.harness.params import make_grads, make_params
+from optparity.harness.params import make_grads, make_params, to_device
 
 
 class Verdict:
@@ -36,13 +36,16 @@ class Verdict:
     SAME_ERROR = "same_error"  # both sides raised the same error
     ERROR_ONE_SIDE = "error_one_side"  # one side raised (or the two raised different errors)
     HUNG = "hung"  # timed out (set by the engine, harness/check.py)
+    # the reference ran on another device (Case.reference_device): distances measured, not claimed zero
+    MEASURED_ACROSS_DEVICES = "measured_across_devices"
 
     ALL = (BIT_IDENTICAL, WITHIN_TOLERANCE, NUMERICS_DIFFER, API_DIFFERS, NOT_APPLICABLE, SAME_ERROR,
-           ERROR_ONE_SIDE, HUNG)
+           ERROR_ONE_SIDE, HUNG, MEASURED_ACROSS_DEVICES)
     LABELS = {BIT_IDENTICAL: "bit-identical", WITHIN_TOLERANCE: "within tolerance",
               NUMERICS_DIFFER: "numerics differ", API_DIFFERS: "API/layout differs only",
               NOT_APPLICABLE: "not applicable", SAME_ERROR: "same error on both sides",
-              ERROR_ONE_SIDE: "error on one side", HUNG: "hung"}
+              ERROR_ONE_SIDE: "error on one side", HUNG: "hung",
+              MEASURED_ACROSS_DEVICES: "measured across devices"}
 
 
 ROUNDING, DIFFERENT_MATH = "rounding-level", "different math"
@@ -159,7 +162,7 @@ class CaseResult:
     @property
     def numbers_match(self) -> bool:
         """The case ran and its numbers are torch's (bit for bit, or within the explicit tolerance)."""
-        return self.verdict in (Verdict.BIT_IDENTICAL, Verdict.WITHIN_TOLERANCE) or (
+        return self.verdict in (Verdict.BIT_IDENTICAL, Verdict.WITHIN_TOLERANCE, Verdict.MEASURED_ACROSS_DEVICES) or (
             self.verdict == Verdict.API_DIFFERS and self.numerics_only)
 
     @classmethod
@@ -318,7 +321,11 @@ def _compare_param_groups(tracker: _Tracker, step: int, sd_c: dict, sd_r: dict) 
                     tracker.record(step, "state_dict", f"group{g}", key, diff)
 
 
-def _clone(grads: list[Tensor | None]) -> list[Tensor | None]:
+def _clone(grads: list[Tensor | None], device: str | None = None) -> list[Tensor | None]:
+    """Copies of `grads`; on `device` (same layout, same bits) when one is given."""
+    if device is not None:
+        moved = [None if g is None else to_device(g, device) for g in grads]
+        return [g.clone() if g is not None and g is orig else g for g, orig in zip(moved, grads)]
     return [None if g is None else g.clone() for g in grads]
 
 
@@ -374,9 +381,11 @@ def run_case(case: Case, candidate: Subject, reference: Subject, options: RunOpt
     return result
 
 
-def _new_pset(case: Case):
+def _new_pset(case: Case, device: str | None = None):
+    """The case's parameter set on `device` (default: the reference's device)."""
+    device = device or getattr(case, "reference_device", None) or getattr(case, "device", "cpu")
     return make_params(case.param_set, case.dtype, case.seed, case.second_group,
-                       differentiable=bool(case.config.get("differentiable")))
+                       differentiable=bool(case.config.get("differentiable")), device=device)
 
 
 def _run(case: Case, candidate: Subject, reference: Subject, result: CaseResult, options: RunOptions,
@@ -388,7 +397,9 @@ def _run(case: Case, candidate: Subject, reference: Subject, result: CaseResult,
     lacking = options_not_accepted(candidate.obj, candidate.kind, hyper)
     if lacking:
         raise NotApplicable(f"{candidate.label} takes no {', '.join(lacking)}", lacking)
-    pset_c, pset_r = _new_pset(case), _new_pset(case)
+    pset_c, pset_r = _new_pset(case, getattr(case, "device", "cpu")), _new_pset(case)
+    # grads are drawn for the reference's parameters: the candidate's copies go to its own device
+    to_candidate = pset_c.device if pset_c.device != pset_r.device else None
     names = pset_r.names
     ref, e_ref = _attempt(lambda: make_driver(reference.obj, reference.kind, algo, pset_r, hyper))
     cand, e_cand = _attempt(lambda: make_driver(candidate.obj, candidate.kind, algo, pset_c, hyper))
@@ -419,7 +430,7 @@ def _run(case: Case, candidate: Subject, reference: Subject, result: CaseResult,
         on_step(step)
         grads = make_grads(pset_r, case.seed, step)
         loss_r, e_ref = _attempt(lambda: conditions.step(case, ref, grads, step))
-        loss_c, e_cand = _attempt(lambda: conditions.step(case, cand, _clone(grads), step))
+        loss_c, e_cand = _attempt(lambda: conditions.step(case, cand, _clone(grads, to_candidate), step))
         if _same_error(tracker, step, e_cand, e_ref):
             break
         if param_groups:
@@ -466,9 +477,13 @@ def _classify(result: CaseResult, tracker: _Tracker, options: RunOptions) -> Non
     if tracker.first_numeric is not None:
         result.per_step = [{"step": s, **tracker.per_step.get(s, _EMPTY_STEP)} for s in range(1, result.steps_run + 1)]
         result.math = math_verdict(result.per_step, options.rounding_ulp)
+    across = getattr(result.case, "across_devices", False)
+    numeric = tracker.first_numeric
+    if across and numeric is not None and not _over_max_ulp(tracker, options.max_ulp):
+        numeric = None  # a distance across devices is measured and reported, not a failure
     if tracker.error is not None and tracker.error_one_side:
         result.verdict, result.divergence = Verdict.ERROR_ONE_SIDE, tracker.error
-    elif tracker.first_numeric is not None:
+    elif numeric is not None:
         within = (options.max_ulp is not None and not (tracker.nan or tracker.inf)
                   and tracker.worst_ulp <= options.max_ulp)
         result.verdict = Verdict.WITHIN_TOLERANCE if within else Verdict.NUMERICS_DIFFER
@@ -477,14 +492,35 @@ def _classify(result: CaseResult, tracker: _Tracker, options: RunOptions) -> Non
         result.verdict, result.divergence = Verdict.API_DIFFERS, tracker.first_api
     elif tracker.error is not None:
         result.verdict, result.divergence = Verdict.SAME_ERROR, tracker.error
+    elif across:
+        result.verdict, result.divergence = Verdict.MEASURED_ACROSS_DEVICES, tracker.first_numeric
     else:
         result.verdict = Verdict.BIT_IDENTICAL
     if result.divergence is not None:
         result.message = result.divergence.describe()
     if result.verdict in (Verdict.NUMERICS_DIFFER, Verdict.WITHIN_TOLERANCE):
         result.message += f" [{result.math}: max {result.worst_ulp} ulp, max rel err {result.max_rel_error:.3g}]"
+    if across and result.verdict in (Verdict.MEASURED_ACROSS_DEVICES, Verdict.API_DIFFERS):
+        distance = _distance_across_devices(result)
+        result.message = distance + (f"; first difference: {result.message}" if result.message else "")
     if tracker.first_api is not None and result.verdict != Verdict.API_DIFFERS:
         result.message += f"; also API/layout: {tracker.first_api.describe()}"
+
+
+def _over_max_ulp(tracker: _Tracker, limit: int | None) -> bool:
+    """--max-ulp given and a numeric difference beyond it (a NaN/inf mismatch is beyond any)."""
+    return limit is not None and bool(tracker.nan or tracker.inf or tracker.worst_ulp > limit)
+
+
+def _distance_across_devices(result: CaseResult) -> str:
+    """What a case compared across devices measured (bitwise.compare's measures, on the CPU)."""
+    case = result.case
+    text = (f"candidate on {case.device}, reference on {case.reference_device}, not claimed equal: "
+            f"max {result.worst_ulp} ulp, max abs err {result.max_abs_error:.3g}, "
+            f"max rel err {result.max_rel_error:.3g}")
+    if result.nan_mismatches or result.inf_mismatches:
+        text += f", {result.nan_mismatches} NaN vs number, {result.inf_mismatches} inf mismatch"
+    return text
 
 
 def math_verdict(per_step: list[dict], rounding_ulp: int = 8) -> str:
