@@ -222,6 +222,8 @@ def full_state(model, optim, flavour: str) -> dict:
     if flavour == "fsdp2":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
         return get_optimizer_state_dict(model, optim, options=StateDictOptions(full_state_dict=True))
+    if flavour == "zero_plain":  # a plain optimizer (every rank holds everything)
+        return ost.to_fqn_keyed(optim.state_dict(), model, optim)
     optim.consolidate_state_dict(to=0)
     sd = optim.state_dict() if dist.get_rank() == 0 else None
     holder = [sd]
@@ -696,4 +698,108 @@ def state_kinds_against_upstream(rank, ws, flavour, algo, rank0_loads=True, back
                 _outcome(lambda: FSDP.scatter_full_optim_state_dict(_clone_tree(full) if rank == 0 else None, model,
                                                                     optim=optim)) if rank0_loads else ours))
     out.append(("our loaders leave the input unchanged", full, frozen_full))
+    return _clone_tree(out)
+
+
+# ---------------------------------------------------------------------------
+# NamedOptimizer checkpoints to and from every flavour (run inside the ranks)
+# ---------------------------------------------------------------------------
+
+def make_named(model: nn.Module, algo: str, upstream: bool = False):
+    """NamedOptimizer (ours over optparity, or torch's _NamedOptimizer over torch.optim) with the
+    same two groups as make_optim."""
+    from optparity.distributed.named_optimizer import NamedOptimizer
+    cls = NamedOptimizer
+    family = oo
+    if upstream:
+        from torch.distributed.optim import _NamedOptimizer as cls
+        family = torch.optim
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Since we pass in param_groups ..."
+        return cls(model.named_parameters(), getattr(family, algo), optim_groups(model, algo), None, **HYPER[algo])
+
+
+def named_cross_load(rank, ws, algo, tmp):
+    """A checkpoint written by NamedOptimizer after K1 steps loads into a plain optimizer (our
+    to_id_keyed), ZeRO, FSDP (both flavours) and fully_shard, and every flavour's checkpoint (full
+    FQN dict or shard files) loads into NamedOptimizer (ours and upstream's): K2 more steps
+    equal the uninterrupted single-process run. Returns (name, got, want) triples."""
+    warnings.filterwarnings("ignore", module="torch")
+    warnings.simplefilter("ignore", FutureWarning)
+    k1, k2 = 3, 2
+    ref = build_plain()
+    ref_opt = make_optim(ref, "plain", algo)
+    train(ref, ref_opt, range(k1))
+    at_k1 = normalise(ost.to_fqn_keyed(ref_opt.state_dict(), ref, ref_opt))
+    dcp_order = list(ost.to_fqn_keyed(ref_opt.state_dict(), ref, ref_opt)["state"])
+    params_k1 = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    train(ref, ref_opt, range(k1, k1 + k2))
+    want = (normalise(ost.to_fqn_keyed(ref_opt.state_dict(), ref, ref_opt)),
+            {n: p.detach().clone() for n, p in ref.named_parameters()})
+    out = []
+    # the NamedOptimizer checkpoint, ours and upstream's
+    named_sd = {}
+    for upstream in (False, True):
+        m = build_plain()
+        opt = make_named(m, algo, upstream)
+        train(m, opt, range(k1))
+        named_sd[upstream] = _clone_tree(opt.state_dict())
+    out.append(("NamedOptimizer.state_dict() vs torch's _NamedOptimizer", named_sd[False], named_sd[True]))
+    out.append(("NamedOptimizer state order = the optimizer's = to_fqn_keyed's", list(named_sd[False]["state"]), dcp_order))
+    out.append(("NamedOptimizer checkpoint = the plain optimizer's state", normalise(named_sd[False]), at_k1))
+    ckpt = named_sd[False]
+    before = _clone_tree(ckpt)
+    # NamedOptimizer -> every flavour
+    for flavour in ("plain",) + FLAVOURS:
+        for route in ("load_full_optim_state", "own loader"):
+            model = wrap(build_plain(params_k1), flavour)
+            optim = make_optim(model, flavour, algo)
+            if route == "load_full_optim_state":
+                ost.load_full_optim_state(optim, model, ckpt)
+            elif flavour == "plain":
+                optim.load_state_dict(ost.to_id_keyed(ckpt, model, optim))
+            elif flavour in ("fsdp", "fsdp_orig"):
+                optim.load_state_dict(ost.optim_state_dict_to_load(model, optim, ckpt))
+            elif flavour == "fsdp2":
+                from torch.distributed.checkpoint.state_dict import StateDictOptions
+                ost.set_optimizer_state_dict(model, optim, ckpt, options=StateDictOptions(full_state_dict=True))
+            else:
+                continue  # ZeRO has no FQN loader of its own
+            train(model, optim, range(k1, k1 + k2))
+            got = (normalise(full_state(model, optim, flavour if flavour != "plain" else "zero_plain")),
+                   full_params(model, flavour))
+            expected = want
+            if flavour == "fsdp2" and route == "own loader":  # set(full) turns tuples into lists, as upstream
+                expected = ({**want[0], "param_groups": [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()}
+                                                         for g in want[0]["param_groups"]]}, want[1])
+            out.append((f"NamedOptimizer checkpoint -> {flavour} ({route}), {k2} steps on", got, expected))
+    out.append(("the NamedOptimizer checkpoint unchanged", ckpt, before))
+    # every flavour -> NamedOptimizer (full FQN dict, and shard files)
+    for flavour in FLAVOURS:
+        model = wrap(build_plain(), flavour)
+        optim = make_optim(model, flavour, algo)
+        train(model, optim, range(k1))
+        full = full_state(model, optim, flavour)
+        d = os.path.join(tmp, f"{flavour}-{algo}")
+        os.makedirs(d, exist_ok=True)
+        ost.save_optim_state_shard(optim, model, os.path.join(d, f"optim.{rank}.pt"))
+        dist.barrier()
+        for upstream in (False, True):
+            for route in ("load_state_dict", "load_optim_state_shards"):
+                if upstream and route == "load_optim_state_shards":
+                    continue
+                m = build_plain(params_k1)
+                opt = make_named(m, algo, upstream)
+                if route == "load_state_dict":
+                    opt.init_state()  # NamedOptimizer loads in place into existing state
+                    with torch.no_grad():  # init_state is a real step: put the weights back
+                        for n, p in m.named_parameters():
+                            p.copy_(params_k1[n])
+                    opt.load_state_dict(_clone_tree(full))
+                else:
+                    ost.load_optim_state_shards(opt, m, [os.path.join(d, f"optim.{r}.pt") for r in range(ws)])
+                train(m, opt, range(k1, k1 + k2))
+                who = "torch's _NamedOptimizer" if upstream else "NamedOptimizer"
+                got = (normalise(opt.state_dict()), {n: p.detach().clone() for n, p in m.named_parameters()})
+                out.append((f"{flavour} -> {who} ({route}), {k2} steps on", got, want))
     return _clone_tree(out)

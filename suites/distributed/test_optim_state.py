@@ -414,3 +414,20 @@ def test_reshard_round_trips_state_kinds(ranks, tmp_path, n, m):
         assert_same(rec[0], plain[a][1], f"{n} -> {m} ranks: {os.path.basename(src)} into {g}")
     for (f, a, src, *_), rec in zip(back, ranks(n).run(R.session, back, timeout=600)[0]):
         assert_same(rec[0], plain[a][2], f"{n} -> {m} -> {n}: {os.path.basename(src)} into {f}")
+
+
+# ---------------------------------------------------------------------------
+# NamedOptimizer checkpoints
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("algo", ["Adam"] + (["AdamW", "SGD", "Adagrad"] if FULL else []))
+def test_named_optimizer_checkpoints_cross_load(ranks, tmp_path, algo):
+    """NamedOptimizer's state_dict equals torch's _NamedOptimizer's (keys in the wrapped
+    optimizer's state order, which is to_fqn_keyed's and DCP's too; each group's FQNs sorted
+    and "params" first, where DCP keeps the optimizer's order and puts "params" last); it loads
+    into a plain optimizer, ZeRO, FSDP and fully_shard, and theirs into NamedOptimizer, all
+    continuing bit for bit."""
+    for rank, triples in enumerate(ranks(2).run(R.named_cross_load, algo, str(tmp_path), timeout=600)):
+        assert len(triples) == 3 + 9 + 1 + 4 * 3, [n for n, *_ in triples]
+        for name, got, want in triples:
+            assert_same(got, want, f"rank {rank}: {name}")
