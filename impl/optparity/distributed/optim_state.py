@@ -22,7 +22,11 @@ metadata, ``_get_param_to_fqns``): ``full_optim_state_dict``, ``optim_state_dict
 ``sharded_optim_state_dict`` / ``flatten_sharded_optim_state_dict`` (ShardedTensor),
 ``shard_full_optim_state_dict``, ``scatter_full_optim_state_dict``, ``rekey_optim_state_dict``; for ``fully_shard`` (DTensor
 state) ``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` (full and sharded). Their
-outputs are bit-identical to upstream's (suites/distributed/test_optim_state.py).
+outputs are bit-identical to upstream's (suites/distributed/test_optim_state.py), including
+``is_named_optimizer=True`` and FSDP built with a ``device_mesh`` (DTensor sharded state); after
+``set_optimizer_state_dict`` the optimizer's state and param_groups (key order, tuples turned into
+lists under full_state_dict) are upstream's. A NamedOptimizer (ours or torch's) is accepted
+wherever an optimizer is: its wrapped optimizer is used.
 
 Bad input (missing or extra parameters, shape/dtype mismatches, state from another algorithm,
 missing shards) raises ``OptimStateError`` naming the parameter FQN before anything is
@@ -31,7 +35,11 @@ modified; no function mutates a dict it is given. Files load with ``weights_only
 Departures from upstream: ``get_optimizer_state_dict`` initialises missing state the same way
 (a zero-lr step) only when the optimizer has no state at all, as upstream does;
 ``scatter_full_optim_state_dict`` validates a meta-tensor skeleton on every rank before any
-tensor is broadcast, so bad input raises on all ranks instead of leaving some in a collective.
+tensor is broadcast, so bad input raises on all ranks instead of leaving some in a collective;
+where torch 2.13 raises or loads the wrong thing ours loads (None state in the rank0_only
+loaders, set_optimizer_state_dict(full) with no tensor state or with state the optimizer lacked,
+use_orig_params gathering while a parameter has no state); a FlatParameter mixing parameters
+with and without state is refused, naming them.
 """
 from __future__ import annotations
 
