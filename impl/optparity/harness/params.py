@@ -49,7 +49,10 @@ def to_device(t: Tensor, device: str) -> Tensor:
         return t.to(device)
     storage = t.untyped_storage()
     whole = torch.empty(0, dtype=t.dtype).set_(storage, 0, (storage.nbytes() // t.element_size(),), (1,))
-    return whole.to(device).as_strided(t.size(), t.stride(), t.storage_offset())
+    moved = whole.to(device)
+    if moved.device == whole.device and moved.data_ptr() == whole.data_ptr():  # "cuda" named cuda:0
+        return t
+    return moved.as_strided(t.size(), t.stride(), t.storage_offset())
 
 
 def _moved(pset: ParamSet, device: str, differentiable: bool) -> ParamSet:
