@@ -25,6 +25,16 @@ def test_every_dense_algorithm_gets_every_axis_at_the_default_level(algo):
     assert all(c.cost == "cheap" for c in _cheap(algo))
 
 
+@pytest.mark.parametrize("algo", [a for a, s in SPECS.items() if s.low_precision and s.kind != "closure"])
+def test_every_configuration_meets_both_half_types_at_the_default_level(algo):
+    cases = [c for c in levels.select("default", algo) if c.axis == "low_precision"]
+    for dtype in (torch.bfloat16, torch.float16):
+        have = {c.config_index for c in cases if c.dtype == dtype}
+        assert have == set(range(len(matrix.configs(algo)))), f"{algo}: configs without {dtype}"
+    # and on more than one path: the path rotates with the configuration
+    assert len({c.path for c in cases}) == len([p for p in matrix.PATHS if matrix._runs(algo, p, torch.bfloat16)])
+
+
 def test_edge_ids_are_unique_and_name_their_condition():
     cases = matrix.build_cases()
     ids = [c.id for c in cases]

@@ -408,6 +408,12 @@ def _add_selftest(sub) -> None:
                        description="Check every mutant in optparity.harness.mutants (each must be caught) "
                                    "and torch.optim against itself (must pass). Exit 0 when both hold.")
     p.add_argument("--mutant", action="append", help="only these mutants (repeatable)")
+    from optparity.harness.check import default_workers
+    from optparity.harness.levels import LEVELS
+
+    p.add_argument("--level", choices=list(LEVELS), default="default", help="the cases each mutant meets (default: default)")
+    p.add_argument("-n", "--workers", type=_positive_int, default=default_workers(), metavar="N",
+                   help="worker processes per check (default: this machine's cores, here %(default)s)")
     p.set_defaults(func=_run_selftest)
 
 
@@ -420,7 +426,8 @@ def _run_selftest(args) -> int:
     mutants = [by_name(n) for n in args.mutant] if args.mutant else list(MUTANTS)
     rows = []
     for m in mutants:
-        report = check(m.build(), f"torch.optim:{m.algorithm}", algorithm=m.algorithm, fail_fast=True)
+        report = check(m.build(), f"torch.optim:{m.algorithm}", algorithm=m.algorithm, fail_fast=True,
+                       level=args.level, workers=args.workers)
         first = report.first_failure
         # edge mutants (harness/mutants.py) must be caught under their own condition
         exposed = getattr(m, "exposed", None)
@@ -436,7 +443,7 @@ def _run_selftest(args) -> int:
     alarms = []
     if not args.mutant:
         for algo in ALGORITHMS:
-            report = check(f"torch.optim:{algo}", f"torch.optim:{algo}")
+            report = check(f"torch.optim:{algo}", f"torch.optim:{algo}", level=args.level, workers=args.workers)
             if not report.ok:
                 alarms.append(f"{algo}: {report.first_failure.message}")
         print(f"\ntorch.optim against itself: {'no false alarm' if not alarms else 'FALSE ALARMS: ' + '; '.join(alarms)}")

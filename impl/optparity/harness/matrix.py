@@ -306,9 +306,12 @@ def _edge_plan(algo: str):
         # (not for closure optimizers: a step of theirs is a whole inner optimisation)
         have = [p for p in PATHS if _runs(algo, p, lowp[0])]
         for i in every if s.kind != "closure" else ():
-            if i not in rep:
-                plan += [("low_precision", "cheap", [i], (have[(i + k) % len(have)],), (dtype,), base_set, STEPS, {})
-                         for k, dtype in enumerate(lowp)]
+            for k, dtype in enumerate(lowp if i not in rep else ()):
+                turn = have[(i + k) % len(have):] + have[:(i + k) % len(have)]
+                path = next((p for p in turn if not _upstream_nondeterministic(algo, configs(algo)[i], p, dtype,
+                                                                               base_set)), None)
+                if path is not None:
+                    plan.append(("low_precision", "cheap", [i], (path,), (dtype,), base_set, STEPS, {}))
     if s.kind == "dense":  # the sets below are of dense tensors of any shape
         plan += [
             ("sizes", "cheap", first, kernels, _F32, "sizes", 6, {}),
