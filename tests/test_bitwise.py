@@ -178,3 +178,17 @@ def test_max_ulp_is_compares_max_ulp(dtype):
         assert max_ulp(a, b) == (0 if want is None or want.max_ulp is None else want.max_ulp)
     assert max_ulp(torch.zeros(2), torch.zeros(3)) is None
     assert max_ulp(torch.zeros(2), torch.zeros(2, dtype=torch.float64)) is None
+
+
+def test_device_is_part_of_the_contract():
+    # e.g. torch's capturable/fused paths keep `step` on the parameter's device: a candidate that
+    # keeps it on the CPU differs in layout, whatever the values
+    from optparity.harness.bitwise import across_devices
+
+    a = torch.zeros(3)
+    meta = torch.empty(3, device="meta")
+    diff = compare(meta, a)
+    assert diff is not None and diff.reason == "device" and not diff.numeric
+    assert "device differs" in diff.describe()
+    with across_devices():  # a case across devices: placement is not compared, values are
+        assert compare(a.clone(), a) is None

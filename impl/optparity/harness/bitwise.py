@@ -10,6 +10,8 @@ kinds, never turned into a distance.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +71,22 @@ class Difference:
         return text + ")"
 
 
+# True inside a case that compares across devices (across_devices below).
+_ACROSS: contextvars.ContextVar[bool] = contextvars.ContextVar("optparity_across_devices", default=False)
+
+
+@contextlib.contextmanager
+def across_devices():
+    """Inside: tensors may sit on different devices. A candidate on CUDA against a reference on the
+    CPU cannot be told where torch's CUDA path keeps its counters, so placement is not compared
+    there (values are, moved to the CPU); everywhere else a tensor's device must be the reference's."""
+    token = _ACROSS.set(True)
+    try:
+        yield
+    finally:
+        _ACROSS.reset(token)
+
+
 def _real_view(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
@@ -111,6 +129,9 @@ def compare(candidate: Tensor, reference: Tensor) -> Difference | None:
             return None
     if not isinstance(candidate, Tensor) or not isinstance(reference, Tensor):
         return Difference("type", candidate=type(candidate).__name__, reference=type(reference).__name__)
+    if candidate.device != reference.device and not _ACROSS.get():
+        # e.g. a `step` counter kept on the CPU where torch keeps it on the parameter's device
+        return Difference("device", candidate=str(candidate.device), reference=str(reference.device))
     if candidate.dtype != reference.dtype:
         return Difference("dtype", candidate=str(candidate.dtype), reference=str(reference.dtype))
     if candidate.shape != reference.shape:

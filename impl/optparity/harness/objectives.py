@@ -39,8 +39,10 @@ class ClosureObjective:
         # one flat vector of every param (complex ones as real pairs): few autograd nodes
         n = sum(_real(p).numel() for p in pset.params)
         dtype = _real(pset.params[0]).dtype if pset.params else torch.float32
-        self.weights = torch.linspace(0.5, 2.0, n, dtype=dtype)
-        self.centres = torch.linspace(-1.0, 1.0, n, dtype=dtype)
+        device = pset.params[0].device if pset.params else None
+        # made on the CPU and moved: the same numbers on every device
+        self.weights = torch.linspace(0.5, 2.0, n, dtype=dtype).to(device)
+        self.centres = torch.linspace(-1.0, 1.0, n, dtype=dtype).to(device)
         self.step_calls = 0  # closure calls during the last step
         self.total_calls = 0
         self._target = self.centres

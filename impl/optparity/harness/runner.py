@@ -7,6 +7,7 @@ param-group keys, state_dict structure, a setting, a closure's return value); th
 is kept, so an early layout difference never hides the numeric one behind it."""
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import time
@@ -17,7 +18,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from optparity.harness import algorithms, conditions, objectives, observers, schedulers
+from optparity.harness import algorithms, bitwise, conditions, objectives, observers, schedulers
 from optparity.harness.bitwise import Difference, compare, max_ulp
 from optparity.harness.candidates import (NotApplicable, algorithm_of, kind_of, load_object, make_driver,
                                           options_not_accepted)
@@ -372,7 +373,8 @@ def run_case(case: Case, candidate: Subject, reference: Subject, options: RunOpt
             on_step(n)
 
     try:
-        with conditions.applied(case):  # the case's threads and default dtype (edge axes)
+        placement = bitwise.across_devices() if getattr(case, "across_devices", False) else contextlib.nullcontext()
+        with conditions.applied(case), placement:  # the case's threads and default dtype (edge axes)
             _run(case, candidate, reference, result, options, stepping)
     except NotApplicable as e:
         result.verdict, result.message = Verdict.NOT_APPLICABLE, str(e)
