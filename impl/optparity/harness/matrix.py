@@ -35,10 +35,10 @@ LR_CHANGE = 6
 
 def configs(algo: str, device: str = "cpu") -> list[dict]:
     """torch's own test configurations, then ours (harness/algorithms/<algo>.py); on CUDA also the
-    ones torch's tests run on CUDA only (CUDA_ONLY_CONFIGS, after the rest: CPU indices unchanged)."""
+    ones torch's tests run on CUDA only (the description's cuda_configs, after the rest: CPU indices unchanged)."""
     cfgs = spec(algo).configs()
     if device_type(device) == "cuda":
-        cfgs += [c for c in CUDA_ONLY_CONFIGS.get(algo, ()) if not any(_same_config(c, d) for d in cfgs)]
+        cfgs += [c for c in spec(algo).cuda_configs if not any(_same_config(c, d) for d in cfgs)]
     return cfgs
 
 
@@ -57,46 +57,6 @@ def _same_config(a: dict, b: dict) -> bool:
         return type(x) is type(y) and x == y
 
     return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-
-
-# The configurations torch 2.13's own optimizer tests (torch.testing._internal.common_optimizers)
-# add when the device is CUDA: capturable=True variants (state steps kept on the device, no host
-# synchronisation, so a step can be captured in a CUDA graph). On the CPU torch refuses capturable
-# (its supported devices are cuda, xpu, hpu, xla and the private-use backend), so these run only
-# when both sides are on CUDA. tests/test_device.py proves every CUDA-only configuration is here.
-def _t(x):
-    return torch.tensor(x)
-
-
-CUDA_ONLY_CONFIGS: dict[str, tuple[dict, ...]] = {
-    "Adadelta": ({"capturable": True}, {"weight_decay": 0.1, "capturable": True},
-                 {"lr": _t(0.001), "capturable": True}),
-    "Adam": ({"capturable": True}, {"weight_decay": 0.1, "amsgrad": True, "capturable": True},
-             {"lr": _t(0.001), "amsgrad": True, "capturable": True},
-             {"lr": _t(0.001), "betas": (_t([[[0.9]]]), _t([[0.99]])), "amsgrad": True, "capturable": True},
-             {"lr": _t(0.001), "betas": (_t(0.9), _t(0.99)), "amsgrad": False, "capturable": True}),
-    "Adamax": ({"capturable": True}, {"weight_decay": 0.9, "maximize": True, "capturable": True},
-               {"weight_decay": 0, "maximize": True, "capturable": True},
-               {"weight_decay": 0.9, "maximize": False, "capturable": True},
-               {"lr": _t(0.001), "weight_decay": 0.9, "maximize": False, "capturable": True}),
-    "AdamW": ({"capturable": True}, {"weight_decay": 0.1, "amsgrad": True, "capturable": True},
-              {"lr": _t(0.001), "amsgrad": True, "capturable": True},
-              {"lr": _t(0.001), "betas": (_t([[[0.9]]]), _t([[0.99]])), "amsgrad": True, "capturable": True},
-              {"lr": _t(0.001), "betas": (_t(0.9), _t(0.99)), "amsgrad": False, "capturable": True}),
-    "ASGD": ({"capturable": True}, {"maximize": True, "capturable": True}, {"weight_decay": 0.1, "capturable": True},
-             {"weight_decay": 0.1, "maximize": True, "capturable": True},
-             {"lr": _t(0.001), "weight_decay": 0.1, "maximize": True, "capturable": True}),
-    "NAdam": ({"capturable": True}, {"weight_decay": 0.9, "momentum_decay": 0.006, "capturable": True},
-              {"weight_decay": 0.9, "momentum_decay": 0.006, "decoupled_weight_decay": True, "capturable": True},
-              {"lr": _t(0.001), "weight_decay": 0.9, "momentum_decay": 0.006, "decoupled_weight_decay": True,
-               "capturable": True}),
-    "RAdam": ({"capturable": True}, {"capturable": True, "weight_decay": 0.1},
-              {"capturable": True, "weight_decay": 0.1, "decoupled_weight_decay": True},
-              {"lr": _t(0.001), "capturable": True, "weight_decay": 0.1, "decoupled_weight_decay": True}),
-    "RMSprop": ({"capturable": True}, {"weight_decay": 0.1, "maximize": True, "capturable": True},
-                {"lr": _t(0.001), "capturable": True}),
-    "Rprop": ({"capturable": True}, {"lr": _t(0.001), "capturable": True}),
-}
 
 
 def format_config(config: dict) -> str:
@@ -230,7 +190,7 @@ def build_cases(algorithms=ALGORITHMS, paths=PATHS, dtypes=DTYPES, param_sets=PA
 
     device: where the candidate runs, reference_device: where the reference does (None: the same).
     A path or configuration is kept when both devices have it: fused where torch ships a fused
-    kernel for that device, CUDA_ONLY_CONFIGS when both are CUDA devices. Seeds are those of the
+    kernel for that device, the descriptions' cuda_configs when both are CUDA devices. Seeds are those of the
     CPU cases, so every device starts from the same numbers."""
     devices = (device,) if reference_device in (None, device) else (device, reference_device)
     config_device = "cuda" if all(device_type(d) == "cuda" for d in devices) else "cpu"

@@ -57,6 +57,7 @@ class Algorithm:
     name: str  # torch.optim's class name; optparity.optim.<name>, optparity.functional.<name.lower()>
     torch_configs: tuple[dict, ...]  # every CPU config of torch's own tests (tests/test_matrix.py proves it)
     extra_configs: tuple[dict, ...] = ()  # ours: options torch's list leaves out, tensor hyperparameters
+    cuda_configs: tuple[dict, ...] = ()  # torch's tests' CUDA-only configs (capturable=True); on CUDA only
     second_group: dict = field(default_factory=dict)  # overrides of the second group in "groups" sets
     # Per parameter element and step: which tensors are read ("r") or read and written ("rw").
     traffic: dict = field(default_factory=dict)

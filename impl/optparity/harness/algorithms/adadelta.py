@@ -17,6 +17,10 @@ SPEC = Algorithm(
         {'lr': _t(0.5), 'rho': 0.8, 'eps': 0.0001},
         {'differentiable': True, 'weight_decay': 0.1},
     ),
+    # torch's tests add these on CUDA only (capturable: state steps on the device, no host sync);
+    # torch refuses capturable on the CPU, so they run only when both sides are on CUDA
+    cuda_configs=({"capturable": True}, {"weight_decay": 0.1, "capturable": True},
+        {"lr": _t(0.001), "capturable": True}),
     second_group={'lr': 0.5, 'rho': 0.7},
     traffic={'param': 'rw', 'grad': 'r', 'square_avg': 'rw', 'acc_delta': 'rw'},
     functional_upstream=True,

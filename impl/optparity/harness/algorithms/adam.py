@@ -21,6 +21,12 @@ SPEC = Algorithm(
         {'differentiable': True, 'weight_decay': 0.1, 'amsgrad': True},
         {'capturable': True},
     ),
+    # torch's tests add these on CUDA only (capturable: state steps on the device, no host sync);
+    # torch refuses capturable on the CPU, so they run only when both sides are on CUDA
+    cuda_configs=({"capturable": True}, {"weight_decay": 0.1, "amsgrad": True, "capturable": True},
+        {"lr": _t(0.001), "amsgrad": True, "capturable": True},
+        {"lr": _t(0.001), "betas": (_t([[[0.9]]]), _t([[0.99]])), "amsgrad": True, "capturable": True},
+        {"lr": _t(0.001), "betas": (_t(0.9), _t(0.99)), "amsgrad": False, "capturable": True}),
     second_group={'lr': 0.003, 'eps': 1e-06},
     traffic={'param': 'rw', 'grad': 'r', 'exp_avg': 'rw', 'exp_avg_sq': 'rw'},
     fused_on_cpu=True,

@@ -16,6 +16,12 @@ SPEC = Algorithm(
         {'lr': _t(0.05), 'betas': (0.5, 0.7), 'eps': 0.0001},
         {'differentiable': True, 'weight_decay': 0.1},
     ),
+    # torch's tests add these on CUDA only (capturable: state steps on the device, no host sync);
+    # torch refuses capturable on the CPU, so they run only when both sides are on CUDA
+    cuda_configs=({"capturable": True}, {"weight_decay": 0.9, "maximize": True, "capturable": True},
+        {"weight_decay": 0, "maximize": True, "capturable": True},
+        {"weight_decay": 0.9, "maximize": False, "capturable": True},
+        {"lr": _t(0.001), "weight_decay": 0.9, "maximize": False, "capturable": True}),
     second_group={'lr': 0.01, 'eps': 1e-06},
     traffic={'param': 'rw', 'grad': 'r', 'exp_avg': 'rw', 'exp_inf': 'rw'},
     functional_upstream=True,

@@ -18,6 +18,12 @@ SPEC = Algorithm(
         {'betas': (0.5, 0.6), 'eps': 0.001, 'weight_decay': 0.0},
         {'differentiable': True, 'amsgrad': True},
     ),
+    # torch's tests add these on CUDA only (capturable: state steps on the device, no host sync);
+    # torch refuses capturable on the CPU, so they run only when both sides are on CUDA
+    cuda_configs=({"capturable": True}, {"weight_decay": 0.1, "amsgrad": True, "capturable": True},
+        {"lr": _t(0.001), "amsgrad": True, "capturable": True},
+        {"lr": _t(0.001), "betas": (_t([[[0.9]]]), _t([[0.99]])), "amsgrad": True, "capturable": True},
+        {"lr": _t(0.001), "betas": (_t(0.9), _t(0.99)), "amsgrad": False, "capturable": True}),
     second_group={'lr': 0.003, 'weight_decay': 0.05},
     traffic={'param': 'rw', 'grad': 'r', 'exp_avg': 'rw', 'exp_avg_sq': 'rw'},
     fused_on_cpu=True,

@@ -24,6 +24,11 @@ SPEC = Algorithm(
         {'differentiable': True, 'maximize': True, 'lambd': 0.01},
         {'capturable': True},
     ),
+    # torch's tests add these on CUDA only (capturable: state steps on the device, no host sync);
+    # torch refuses capturable on the CPU, so they run only when both sides are on CUDA
+    cuda_configs=({"capturable": True}, {"maximize": True, "capturable": True}, {"weight_decay": 0.1, "capturable": True},
+        {"weight_decay": 0.1, "maximize": True, "capturable": True},
+        {"lr": _t(0.001), "weight_decay": 0.1, "maximize": True, "capturable": True}),
     second_group={'lr': 0.02, 'lambd': 0.001},
     traffic={'param': 'rw', 'grad': 'r', 'ax': 'rw'},
     mutants=(

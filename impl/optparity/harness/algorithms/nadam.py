@@ -23,6 +23,12 @@ SPEC = Algorithm(
         {'differentiable': True, 'weight_decay': 0.1, 'decoupled_weight_decay': True, 'maximize': True},
         {'capturable': True},
     ),
+    # torch's tests add these on CUDA only (capturable: state steps on the device, no host sync);
+    # torch refuses capturable on the CPU, so they run only when both sides are on CUDA
+    cuda_configs=({"capturable": True}, {"weight_decay": 0.9, "momentum_decay": 0.006, "capturable": True},
+        {"weight_decay": 0.9, "momentum_decay": 0.006, "decoupled_weight_decay": True, "capturable": True},
+        {"lr": _t(0.001), "weight_decay": 0.9, "momentum_decay": 0.006, "decoupled_weight_decay": True,
+    "capturable": True}),
     second_group={'lr': 0.003, 'eps': 1e-06},
     traffic={'param': 'rw', 'grad': 'r', 'exp_avg': 'rw', 'exp_avg_sq': 'rw'},
     mutants=(

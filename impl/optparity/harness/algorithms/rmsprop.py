@@ -20,6 +20,10 @@ SPEC = Algorithm(
         {'centered': True, 'maximize': True, 'lr': _t(0.01)},
         {'differentiable': True, 'centered': True, 'momentum': 0.2, 'weight_decay': 0.1},
     ),
+    # torch's tests add these on CUDA only (capturable: state steps on the device, no host sync);
+    # torch refuses capturable on the CPU, so they run only when both sides are on CUDA
+    cuda_configs=({"capturable": True}, {"weight_decay": 0.1, "maximize": True, "capturable": True},
+        {"lr": _t(0.001), "capturable": True}),
     second_group={'lr': 0.003, 'alpha': 0.9},
     traffic={'param': 'rw', 'grad': 'r', 'square_avg': 'rw'},
     functional_upstream=True,

@@ -17,6 +17,9 @@ SPEC = Algorithm(
         {'differentiable': True},
         {'lr': 0.01, 'step_sizes': (0.001, 0.02)},
     ),
+    # torch's tests add these on CUDA only (capturable: state steps on the device, no host sync);
+    # torch refuses capturable on the CPU, so they run only when both sides are on CUDA
+    cuda_configs=({"capturable": True}, {"lr": _t(0.001), "capturable": True}),
     second_group={'lr': 0.002, 'etas': (0.4, 1.3)},
     traffic={'param': 'rw', 'grad': 'r', 'prev': 'rw', 'step_size': 'rw'},
     functional_upstream=True,
