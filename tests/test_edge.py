@@ -183,3 +183,14 @@ def test_optparity_passes_its_edge_cases(algo):
     cases = [c for c in _cheap(algo) if c.param_set not in ("sizes",) and c.steps <= matrix.STEPS]
     failed = [(c.id, r.message) for c in cases if (r := run_case(c, cand, ref)).status != "pass"]
     assert not failed, failed[:3]
+
+
+@pytest.mark.parametrize("level", ["quick", "default"])
+def test_complex_dtypes_select_the_complex_set(level):
+    c64 = levels.select(level, "Adam", dtypes=[torch.complex64])
+    assert c64 and all(c.param_set == "complex" and c.dtype == torch.float32 for c in c64)
+    c128 = levels.select(level, "Adam", dtypes=[torch.complex128])
+    assert c128 and all(c.param_set == "complex" and c.dtype == torch.float64 for c in c128)
+    both = levels.select(level, "Adam", dtypes=[torch.float32, torch.complex128])
+    assert {c.id for c in c128} <= {c.id for c in both} and any(c.param_set != "complex" for c in both)
+    assert levels.select(level, "Muon", dtypes=[torch.complex64]) == []  # Muon takes no complex params

@@ -17,7 +17,7 @@ from optparity.harness import matrix
 from optparity.harness.algorithms import ALGORITHMS
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
-           "bfloat16": torch.bfloat16}
+           "bfloat16": torch.bfloat16, "complex64": torch.complex64, "complex128": torch.complex128}
 
 
 def _csv(choices):
@@ -146,7 +146,9 @@ def _add_check(sub) -> None:
     p.add_argument("--level", choices=list(LEVELS), default="default",
                    help="which cases: quick (a pull-request gate), default, full (nightly); see below")
     p.add_argument("--paths", type=_csv(matrix.PATHS), help=f"only these ({', '.join(matrix.PATHS)})")
-    p.add_argument("--dtypes", type=_csv(list(_DTYPES)), help="instead of the level's (default: float32,float64)")
+    p.add_argument("--dtypes", type=_csv(list(_DTYPES)),
+                   help="instead of the level's (default: float32,float64); complex64 / complex128 select the "
+                        "complex parameter set at float32 / float64")
     p.add_argument("--param-sets", type=_csv(matrix.PARAM_SETS), help=f"only these ({', '.join(matrix.PARAM_SETS)})")
     p.add_argument("--steps", type=_positive_int, help=f"steps per case (default {matrix.STEPS})")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first differing case")

@@ -700,7 +700,8 @@ def run_golden_check(args, pairs: list[tuple[str, str | None]] | None = None, dt
     from optparity.harness import levels
 
     names = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
-             "bfloat16": torch.bfloat16, **(dtypes_by_name or {})}
+             "bfloat16": torch.bfloat16, "complex64": torch.complex64, "complex128": torch.complex128,
+             **(dtypes_by_name or {})}
     pairs = pairs if pairs is not None else _pairs_for(args)
     directory = Path(args.golden) if args.golden else DEFAULT_DIR
     dtypes = [names[d] for d in args.dtypes] if getattr(args, "dtypes", None) else None
@@ -735,7 +736,7 @@ def _run_record(args) -> int:
     from optparity.harness.algorithms import ALGORITHMS
 
     names = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
-             "bfloat16": torch.bfloat16}
+             "bfloat16": torch.bfloat16, "complex64": torch.complex64, "complex128": torch.complex128}
     unknown = [a for a in args.algorithms or () if a not in ALGORITHMS]
     if unknown:
         print(f"optparity reference record: unknown algorithm(s) {', '.join(unknown)}; known: "
@@ -765,7 +766,7 @@ def add_parsers(sub, csv, positive_int) -> None:
     from optparity.harness.algorithms import ALGORITHMS
     from optparity.harness.levels import LEVELS
 
-    dtype_names = ["float32", "float64", "float16", "bfloat16"]
+    dtype_names = ["float32", "float64", "float16", "bfloat16", "complex64", "complex128"]
     p = sub.add_parser("reference", help="golden fingerprints of torch.optim: record them, check against them",
                        description="Record per-step fingerprints of torch.optim (and torch.distributed.optim's "
                                    "functional optimizers) over the case matrix, or check a candidate against "

@@ -26,6 +26,8 @@ from optparity.harness import matrix
 from optparity.harness.algorithms import spec
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+# --dtypes complex64 / complex128 select the complex parameter set at this real dtype
+COMPLEX_WIDTH = {torch.complex64: torch.float32, torch.complex128: torch.float64}
 
 
 def axis_of(case) -> str:
@@ -98,14 +100,24 @@ def select(name: str, algorithm: str, *, paths=None, dtypes=None, param_sets=Non
     explicitly narrow or replace the level's own choice. device / reference_device: where the
     candidate and the reference run (matrix.build_cases); the same selection on every device."""
     lv = level(name)
+    complex_widths = ()
     if dtypes is None:
         dtypes = lv.dtypes if spec(algorithm).low_precision else tuple(d for d in lv.dtypes if d not in LOW_PRECISION)
+    elif any(d.is_complex for d in dtypes):
+        # complex64 / complex128: the complex parameter set at float32 / float64 (a real dtype
+        # given beside them keeps all its sets, the complex one included)
+        real = tuple(d for d in dtypes if not d.is_complex)
+        complex_widths = tuple(COMPLEX_WIDTH[d] for d in dtypes if d.is_complex)
+        dtypes = tuple(dict.fromkeys(real + complex_widths))
     if param_sets is None:
-        param_sets = lv.param_sets
+        param_sets = lv.param_sets + (("complex",) if complex_widths and "complex" not in lv.param_sets else ())
         if "groups" in param_sets and not takes_param_groups(algorithm):
             param_sets = tuple("mixed" if p == "groups" else p for p in param_sets)
     cases = matrix.build_cases([algorithm], tuple(paths or matrix.PATHS), tuple(dtypes),
                                tuple(param_sets), steps or matrix.STEPS, device=device,
                                reference_device=reference_device)
     kept = {id(c) for c in lv.edge([c for c in cases if axis_of(c) != "base"])}
-    return [c for c in cases if axis_of(c) == "base" or id(c) in kept]
+    cases = [c for c in cases if axis_of(c) == "base" or id(c) in kept]
+    if complex_widths:
+        cases = [c for c in cases if c.dtype in real or (c.param_set == "complex" and c.dtype in complex_widths)]
+    return cases
