@@ -10,7 +10,7 @@ from optparity.harness.mutants import EDGE_MUTANTS, MUTANTS, EdgeMutant
 # Edge mutants of a comparison rather than a case condition: caught by what is compared.
 COMPARISONS = {"caller_grad", "zero_grad", "hooks", "load_state_dict"}
 # Mutants only the default level exposes (they need its float64 or extra parameter-set cases).
-NEEDS_DEFAULT_LEVEL = {"lbfgs_complex_grad_imaginary_dropped", "lbfgs_step_change_stop_ignored"}
+NEEDS_DEFAULT_LEVEL = {"lbfgs_complex_grad_imaginary_dropped"}
 
 KINDS = {m.kind for m in MUTANTS}
 OPTIONS = {m.shows_under for m in MUTANTS if m.kind == "option"}

@@ -150,7 +150,7 @@ def _add_check(sub) -> None:
                    help="instead of the level's (default: float32,float64); complex64 / complex128 select the "
                         "complex parameter set at float32 / float64")
     p.add_argument("--param-sets", type=_csv(matrix.PARAM_SETS), help=f"only these ({', '.join(matrix.PARAM_SETS)})")
-    p.add_argument("--steps", type=_positive_int, help=f"steps per case (default {matrix.STEPS})")
+    p.add_argument("--steps", type=_positive_int, help=f"steps per case (default {matrix.STEPS}; an algorithm's description may say fewer: LBFGS 9)")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first differing case")
     p.add_argument("-n", "--workers", type=_positive_int, default=default_workers(), metavar="N",
                    help="worker processes (default: this machine's cores, here %(default)s); 1 runs in "

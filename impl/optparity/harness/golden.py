@@ -448,7 +448,8 @@ def record(out_dir: Path = DEFAULT_DIR, algorithms: Iterable[str] | None = None,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     refs = references(algorithms, functional)
-    _JOB.update(references=refs, cases_for=cases_for or (lambda algo: matrix.build_cases([algo], steps=steps)),
+    _JOB.update(references=refs, cases_for=cases_for or (lambda algo: matrix.build_cases(
+                    [algo], steps=None if steps == matrix.STEPS else steps)),
                 steps=steps, out_dir=out_dir, env=env or environment(), threads=threads)
     workers = min(workers or os.cpu_count() or 1, len(refs))
     previous = torch.get_num_threads()
@@ -640,7 +641,9 @@ def check_against(candidate: Any, golden: Path | GoldenFile | None = None, refer
         return report
     algo = algo or gfile.algorithm
     cand.algorithm = cand.algorithm or algo
-    known = {c.id: c for c in matrix.build_cases([gfile.algorithm], dtypes=ALL_DTYPES, steps=gfile.steps)}
+    # a recording made with the default steps lets each algorithm use its own (the ids say them)
+    own = None if gfile.steps == matrix.STEPS else gfile.steps
+    known = {c.id: c for c in matrix.build_cases([gfile.algorithm], dtypes=ALL_DTYPES, steps=own)}
     unknown = [cid for cid in gfile.cases if cid not in known]
     if unknown:
         report.incomparable.append(

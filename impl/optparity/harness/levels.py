@@ -114,7 +114,7 @@ def select(name: str, algorithm: str, *, paths=None, dtypes=None, param_sets=Non
         if "groups" in param_sets and not takes_param_groups(algorithm):
             param_sets = tuple("mixed" if p == "groups" else p for p in param_sets)
     cases = matrix.build_cases([algorithm], tuple(paths or matrix.PATHS), tuple(dtypes),
-                               tuple(param_sets), steps or matrix.STEPS, device=device,
+                               tuple(param_sets), steps, device=device,
                                reference_device=reference_device)
     kept = {id(c) for c in lv.edge([c for c in cases if axis_of(c) != "base"])}
     cases = [c for c in cases if axis_of(c) == "base" or id(c) in kept]

@@ -184,9 +184,10 @@ def _upstream_nondeterministic(algo: str, config: dict, path: str, dtype: torch.
 
 
 def build_cases(algorithms=ALGORITHMS, paths=PATHS, dtypes=DTYPES, param_sets=PARAM_SETS,
-                steps: int = STEPS, device: str = "cpu", reference_device: str | None = None) -> list[Case]:
+                steps: int | None = None, device: str = "cpu", reference_device: str | None = None) -> list[Case]:
     """The base matrix over `dtypes` x `param_sets`, then each algorithm's edge cases (which pick
     their own dtypes and parameter sets; `paths` narrows them too, `steps` caps all but long runs).
+    steps None: each algorithm's own (its description's `steps`, else STEPS).
 
     device: where the candidate runs, reference_device: where the reference does (None: the same).
     A path or configuration is kept when both devices have it: fused where torch ships a fused
@@ -195,7 +196,9 @@ def build_cases(algorithms=ALGORITHMS, paths=PATHS, dtypes=DTYPES, param_sets=PA
     devices = (device,) if reference_device in (None, device) else (device, reference_device)
     config_device = "cuda" if all(device_type(d) == "cuda" for d in devices) else "cpu"
     cases = []
+    asked = steps
     for algo in algorithms:
+        steps = asked or spec(algo).steps or STEPS
         for index, config in enumerate(configs(algo, config_device)):
             if _refused_across(config, devices):
                 continue

@@ -72,6 +72,9 @@ class Algorithm:
     sparse_grads: bool = False  # also accepts sparse gradients (SGD, Adagrad)
     functional_upstream: bool = False  # torch.distributed.optim has a _Functional<name>
     bench: bool = True  # benchmarked by `optparity bench` / asv
+    # steps per case when none is asked for (None: matrix.STEPS); more than matrix.CROSS_LOAD, so
+    # every reload and the lr change still happen with steps to follow
+    steps: int | None = None
     mutants: tuple[Mutant, ...] = ()
 
     def configs(self) -> list[dict]:

@@ -42,12 +42,19 @@ SPEC = Algorithm(
         {'line_search_fn': 'backtracking'},
         # history of two (the scheduler cases run this one)
         {'history_size': 2},
+        # steps smaller than the tolerance while the loss still moves by more: only the step-change
+        # stop (tested before the loss-change one) ends these iterations (last: the indices above,
+        # and so their seeds, stay as they were)
+        {'lr': 0.05, 'tolerance_change': 0.01},
     ),
     second_group={'lr': 0.5},
     traffic={'param': 'rw', 'grad': 'r'},
     foreach=False,
     kind='closure',
     bench=False,  # a step is a whole inner optimisation: not comparable with the others
+    # a step is up to max_iter (20) iterations with a history of up to 100 pairs: 9 steps are
+    # 180 iterations, past the history's wrap, and every reload and the lr change still happen
+    steps=9,
     mutants=(
         Mutant('lbfgs_cubic_interpolation_sign', 'LBFGS', _F,
                'min_pos = far - (far - near) *', 'min_pos = far + (far - near) *', 'logic'),
