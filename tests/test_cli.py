@@ -134,3 +134,26 @@ def test_functional_classes_default_to_upstreams_functional_reference():
     assert prepare("optparity.optim:Adam", level="quick").reference.label == "torch.optim:Adam"
     assert prepare("optparity.distributed:FunctionalAdam", "torch.optim:Adam", level="quick").reference.label == \
         "torch.optim:Adam"
+
+
+def test_json_and_junit_of_several_reports_are_the_plain_documents(tmp_path):
+    # finished reports are serialised once and reused (check --all rewrites its outputs often)
+    from optparity.harness import report as rp
+    from optparity.harness.check import check
+
+    reps = [check("optparity.optim:SGD", level="quick", paths=["forloop"], param_sets=["groups"]),
+            check("optparity.optim:Adam", level="quick", paths=["foreach"], param_sets=["groups"])]
+    unfinished = reps[0].__class__(reps[1].candidate, reps[1].reference, results=list(reps[1].results[:3]))
+    for docs in (reps, reps + [unfinished]):
+        for _ in range(2):
+            rp.write_json(docs, tmp_path / "r.json")
+        want = {"ok": all(r.ok for r in docs), "cases": sum(len(r.results) for r in docs),
+                "failed": sum(len(r.failed) for r in docs),
+                "counts": rp.counts([x for r in docs for x in r.results]), "reports": [rp.report_doc(r) for r in docs]}
+        assert json.loads((tmp_path / "r.json").read_text()) == json.loads(json.dumps(want, default=str))
+        rp.write_junit(docs, tmp_path / "r.xml")
+        suites = ET.parse(tmp_path / "r.xml").getroot().findall("testsuite")
+        assert [int(s.get("tests")) for s in suites] == [len(r.results) for r in docs]
+    unfinished.results.append(reps[1].results[3])  # still running: never cached
+    rp.write_json([unfinished], tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text())["cases"] == 4

@@ -269,9 +269,10 @@ class _Outputs:
             partial = target.with_name(f".{target.name}.partial")
             (write_json if kind == "json" else write_junit)(doc, partial)
             os.replace(partial, target)
-        # Large reports take a while to write: never spend more than a fifth of the run on it.
+        # Large reports take a while to write, on a core the workers need: never spend more than
+        # a tenth of the run on it.
         self.last = time.monotonic()
-        self.interval = max(1.0, 5 * (self.last - now))
+        self.interval = max(1.0, 10 * (self.last - now))
 
 
 def _print_tracebacks(report) -> None:

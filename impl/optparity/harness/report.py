@@ -176,17 +176,31 @@ def report_doc(report: CheckReport) -> dict:
 _report_doc = report_doc
 
 
+def _cached(report: CheckReport, kind: str, make) -> str:
+    """make(report) once a report is finished (its results no longer change): a check --all
+    rewrites its outputs as results come in, and would otherwise serialise every finished
+    candidate again each time, on the cores the workers need."""
+    if not getattr(report, "finished", False):
+        return make(report)
+    key = (kind, len(report.results), report.interrupted)
+    cache = report.__dict__.setdefault("_serialised", {})
+    if cache.get(kind, (None,))[0] != key:
+        cache[kind] = (key, make(report))
+    return cache[kind][1]
+
+
 def write_json(reports: CheckReport | list[CheckReport], path: str | Path) -> None:
     """One report as is; several (check --all) under "reports" with overall totals."""
     if isinstance(reports, CheckReport):
-        doc = report_doc(reports)
+        text = json.dumps(report_doc(reports), indent=1, default=str)
     else:
-        doc = {"ok": all(r.ok for r in reports), "cases": sum(len(r.results) for r in reports),
-               "failed": sum(len(r.failed) for r in reports),
-               "counts": counts([x for r in reports for x in r.results]),
-               "reports": [report_doc(r) for r in reports]}
+        totals = {"ok": all(r.ok for r in reports), "cases": sum(len(r.results) for r in reports),
+                  "failed": sum(len(r.failed) for r in reports),
+                  "counts": counts([x for r in reports for x in r.results])}
+        parts = [_cached(r, "json", lambda r: json.dumps(report_doc(r), indent=1, default=str)) for r in reports]
+        text = json.dumps(totals, indent=1, default=str)[:-2] + ',\n "reports": [\n' + ",\n".join(parts) + "\n ]\n}"
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(doc, indent=1, default=str))
+    Path(path).write_text(text)
 
 
 def junit_case(r, candidate: str) -> ET.Element:
@@ -215,8 +229,8 @@ def _junit_suite(report: CheckReport) -> ET.Element:
 
 
 def write_junit(reports: CheckReport | list[CheckReport], path: str | Path) -> None:
-    root = ET.Element("testsuites")
-    for report in [reports] if isinstance(reports, CheckReport) else reports:
-        root.append(_junit_suite(report))
+    suites = [_cached(r, "junit", lambda r: ET.tostring(_junit_suite(r), encoding="unicode"))
+              for r in ([reports] if isinstance(reports, CheckReport) else reports)]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
+    Path(path).write_text("<?xml version='1.0' encoding='utf-8'?>\n<testsuites>" + "".join(suites) + "</testsuites>",
+                          encoding="utf-8")
