@@ -1,7 +1,8 @@
-"""Adafactor, Muon, SparseAdam, and SGD / Adagrad under sparse gradients refuse bad input
-exactly as torch.optim does: torch's own CPU error inputs (optim_db's optim_error_inputs_func)
-and sparse-gradient refusals of ours, each run against torch's class and optparity's — same
-exception type and message, same warnings, and the same params and state afterwards."""
+"""Every optparity.optim class refuses bad input exactly as torch.optim does: torch's own CPU
+error inputs (optim_db's optim_error_inputs_func) for every algorithm, and sparse-gradient
+refusals of ours, each run against torch's class and optparity's — same exception type and
+message, same warnings, and the same params and state afterwards. (LBFGS, whose step needs a
+closure, replays its error inputs in test_lbfgs.py.)"""
 import re
 import warnings
 
@@ -9,12 +10,13 @@ import pytest
 import torch
 
 import optparity.optim
+from optparity.harness.algorithms import SPECS
 
 common_optimizers = pytest.importorskip("torch.testing._internal.common_optimizers",
                                         reason="torch's test helpers need expecttest")
 OptimizerErrorEnum = common_optimizers.OptimizerErrorEnum
 
-ALGOS = ("Adafactor", "Muon", "SparseAdam", "SGD", "Adagrad")
+ALGOS = tuple(name for name, s in SPECS.items() if s.kind != "closure")
 
 
 def _error_inputs(algo: str, dtype: torch.dtype):
