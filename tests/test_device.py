@@ -137,7 +137,7 @@ def test_torch_cuda_only_configs_are_in_the_cuda_matrix():
             continue
         ours = matrix.configs(algo, "cuda")
         missing = [k.kwargs for k in entry.optim_inputs_func("cuda", None)
-                   if not any(matrix._same_config(k.kwargs, c) for c in ours)]
+                   if not any(matrix.same_config(k.kwargs, c) for c in ours)]
         assert not missing, f"torch tests {algo} on CUDA with {missing}, our CUDA matrix does not"
 
 

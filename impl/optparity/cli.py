@@ -11,13 +11,10 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-
 from optparity.harness import matrix
 from optparity.harness.algorithms import ALGORITHMS
+from optparity.harness.levels import DTYPE_NAMES
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
-           "bfloat16": torch.bfloat16, "complex64": torch.complex64, "complex128": torch.complex128}
 
 
 def _csv(choices):
@@ -53,20 +50,10 @@ def _covered_kernels() -> list[tuple[str, str]]:
     """(kernel, class) where optparity.optim's class steps with exactly that optparity.functional
     kernel: `check --candidate` of the kernel runs the class with the kernel swapped in, i.e. the
     same code, so the class's check covers it."""
-    import importlib
-
     from optparity.harness.algorithms import SPECS
 
-    functional = importlib.import_module("optparity.functional")
-    optim = importlib.import_module("optparity.optim")
-    out = []
-    for algo in SPECS:
-        kernel = getattr(functional, algo.lower(), None)
-        cls = getattr(optim, algo, None)
-        if kernel is not None and cls is not None and cls.__dict__.get("kernel") is not None \
-                and getattr(cls, "kernel") is kernel:
-            out.append((f"optparity.functional:{algo.lower()}", f"optparity.optim:{algo}"))
-    return out
+    return [(f"optparity.functional:{algo.lower()}", f"optparity.optim:{algo}") for algo, spec in SPECS.items()
+            if getattr(spec.optparity_class(), "kernel", None) is spec.optparity_kernel()]
 
 
 def _positive_int(text: str) -> int:
@@ -146,7 +133,7 @@ def _add_check(sub) -> None:
     p.add_argument("--level", choices=list(LEVELS), default="default",
                    help="which cases: quick (a pull-request gate), default, full (nightly); see below")
     p.add_argument("--paths", type=_csv(matrix.PATHS), help=f"only these ({', '.join(matrix.PATHS)})")
-    p.add_argument("--dtypes", type=_csv(list(_DTYPES)),
+    p.add_argument("--dtypes", type=_csv(list(DTYPE_NAMES)),
                    help="instead of the level's (default: float32,float64); complex64 / complex128 select the "
                         "complex parameter set at float32 / float64")
     p.add_argument("--param-sets", type=_csv(matrix.PARAM_SETS), help=f"only these ({', '.join(matrix.PARAM_SETS)})")
@@ -333,7 +320,7 @@ def _check_command(args) -> int:
         from optparity.harness.golden import refuse_with_golden, run_golden_check
         return refuse_with_golden(args) or run_golden_check(args, pairs)
     options = dict(algorithm=args.algorithm, level=args.level, paths=args.paths,
-                   dtypes=[_DTYPES[d] for d in args.dtypes] if args.dtypes else None,
+                   dtypes=[DTYPE_NAMES[d] for d in args.dtypes] if args.dtypes else None,
                    param_sets=args.param_sets, steps=args.steps, hyper=dict(args.hyper),
                    numerics_only=args.numerics_only, max_ulp=args.max_ulp, case_filter=args.case_filter,
                    device=args.device, reference_device=args.reference_device)

@@ -702,9 +702,7 @@ def run_golden_check(args, pairs: list[tuple[str, str | None]] | None = None, dt
     the goldens of its reference. Exit 0 same bits, 1 drift, 2 cannot compare."""
     from optparity.harness import levels
 
-    names = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
-             "bfloat16": torch.bfloat16, "complex64": torch.complex64, "complex128": torch.complex128,
-             **(dtypes_by_name or {})}
+    names = {**levels.DTYPE_NAMES, **(dtypes_by_name or {})}
     pairs = pairs if pairs is not None else _pairs_for(args)
     directory = Path(args.golden) if args.golden else DEFAULT_DIR
     dtypes = [names[d] for d in args.dtypes] if getattr(args, "dtypes", None) else None
@@ -738,14 +736,12 @@ def _run_record(args) -> int:
     from optparity.harness import levels
     from optparity.harness.algorithms import ALGORITHMS
 
-    names = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
-             "bfloat16": torch.bfloat16, "complex64": torch.complex64, "complex128": torch.complex128}
     unknown = [a for a in args.algorithms or () if a not in ALGORITHMS]
     if unknown:
         print(f"optparity reference record: unknown algorithm(s) {', '.join(unknown)}; known: "
               f"{', '.join(ALGORITHMS)}", file=sys.stderr)
         return 2
-    dtypes = tuple(names[d] for d in args.dtypes) if args.dtypes else None
+    dtypes = tuple(levels.DTYPE_NAMES[d] for d in args.dtypes) if args.dtypes else None
 
     def cases_for(algo):
         return levels.select(args.level, algo, paths=args.paths, dtypes=dtypes, param_sets=args.param_sets,
@@ -767,9 +763,9 @@ def _run_record(args) -> int:
 def add_parsers(sub, csv, positive_int) -> None:
     """`optparity reference record` and `optparity reference check`."""
     from optparity.harness.algorithms import ALGORITHMS
-    from optparity.harness.levels import LEVELS
+    from optparity.harness.levels import DTYPE_NAMES, LEVELS
 
-    dtype_names = ["float32", "float64", "float16", "bfloat16", "complex64", "complex128"]
+    dtype_names = list(DTYPE_NAMES)
     p = sub.add_parser("reference", help="golden fingerprints of torch.optim: record them, check against them",
                        description="Record per-step fingerprints of torch.optim (and torch.distributed.optim's "
                                    "functional optimizers) over the case matrix, or check a candidate against "

@@ -28,6 +28,9 @@ from optparity.harness.algorithms import spec
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 # --dtypes complex64 / complex128 select the complex parameter set at this real dtype
 COMPLEX_WIDTH = {torch.complex64: torch.float32, torch.complex128: torch.float64}
+# what --dtypes accepts (check, reference record / check)
+DTYPE_NAMES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+               "bfloat16": torch.bfloat16, "complex64": torch.complex64, "complex128": torch.complex128}
 
 
 def axis_of(case) -> str:

@@ -38,7 +38,7 @@ def configs(algo: str, device: str = "cpu") -> list[dict]:
     ones torch's tests run on CUDA only (the description's cuda_configs, after the rest: CPU indices unchanged)."""
     cfgs = spec(algo).configs()
     if device_type(device) == "cuda":
-        cfgs += [c for c in spec(algo).cuda_configs if not any(_same_config(c, d) for d in cfgs)]
+        cfgs += [c for c in spec(algo).cuda_configs if not any(same_config(c, d) for d in cfgs)]
     return cfgs
 
 
@@ -47,7 +47,8 @@ def device_type(device: str | None) -> str:
     return (device or "cpu").partition(":")[0]
 
 
-def _same_config(a: dict, b: dict) -> bool:
+def same_config(a: dict, b: dict) -> bool:
+    """The same keys and values, tensors compared by value (a config's `lr=tensor(0.01)`)."""
     def same(x, y):
         if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
             return (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape
@@ -248,7 +249,8 @@ def representative(algo: str) -> list[int]:
 def _edge_plan(algo: str):
     """(axis, cost, config indices, paths, dtypes, param set, steps, extra Case fields) rows."""
     s = spec(algo)
-    rep, every, first = representative(algo), list(range(len(configs(algo)))), [0]
+    cfgs = configs(algo)
+    rep, every, first = representative(algo), list(range(len(cfgs))), [0]
     kernels = ("forloop", "foreach", "fused")
     base_set = param_sets_for(algo, ("mixed",))[0]
     lowp = LOW if s.low_precision else ()
@@ -271,8 +273,8 @@ def _edge_plan(algo: str):
         for i in every if s.kind != "closure" else ():
             for k, dtype in enumerate(lowp if i not in rep else ()):
                 turn = have[(i + k) % len(have):] + have[:(i + k) % len(have)]
-                path = next((p for p in turn if not _upstream_nondeterministic(algo, configs(algo)[i], p, dtype,
-                                                                               base_set)), None)
+                path = next((p for p in turn if not _upstream_nondeterministic(algo, cfgs[i], p, dtype, base_set)),
+                            None)
                 if path is not None:
                     plan.append(("low_precision", "cheap", [i], (path,), (dtype,), base_set, STEPS, {}))
     if s.kind == "dense":  # the sets below are of dense tensors of any shape
@@ -306,7 +308,7 @@ def edge_cases(algo: str, paths=PATHS, steps: int = STEPS, devices=("cpu",)) -> 
             if (path not in paths or not _runs(algo, path, dtype, devices) or _refused_across(config, devices)
                     or _upstream_nondeterministic(algo, config, path, dtype, pset, devices)):
                 continue
-            case = Case(algo, configs(algo)[index], path, dtype, pset, steps=n, config_index=index,
+            case = Case(algo, config, path, dtype, pset, steps=n, config_index=index,
                         second_group=spec(algo).second_group, axis=axis, cost=cost, **extra)
             if case.id in seen:  # an expensive row repeating a cheap one
                 continue

@@ -182,7 +182,7 @@ def _cached(report: CheckReport, kind: str, make) -> str:
     candidate again each time, on the cores the workers need."""
     if not getattr(report, "finished", False):
         return make(report)
-    key = (kind, len(report.results), report.interrupted)
+    key = (len(report.results), report.interrupted)
     cache = report.__dict__.setdefault("_serialised", {})
     if cache.get(kind, (None,))[0] != key:
         cache[kind] = (key, make(report))

@@ -74,7 +74,7 @@ def scheduler_cases(algo: str, paths, dtypes, steps: int) -> list:
     if path not in paths or dtype is None or not matrix._runs(algo, path, dtype):
         return []
     base = SCHEDULED[algo]
-    index = next((i for i, c in enumerate(matrix.configs(algo)) if _same_config(c, base)), None)
+    index = next((i for i, c in enumerate(matrix.configs(algo)) if matrix.same_config(c, base)), None)
     if index is None:
         raise RuntimeError(f"{algo}'s scheduled configuration {base} is not among its configs")
     lr = float(base.get("lr", _DEFAULT_LR[algo]))
@@ -87,10 +87,6 @@ def scheduler_cases(algo: str, paths, dtypes, steps: int) -> list:
             case.seed = zlib.crc32(case.id.encode())
             cases.append(case)
     return cases
-
-
-def _same_config(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(type(a[k]) is type(b[k]) and a[k] == b[k] for k in a)
 
 
 class _Scheduled:
