@@ -66,3 +66,63 @@ def by_name(name: str) -> DistMutant:
         if m.name == name:
             return m
     raise KeyError(f"no distributed mutant named {name!r}; known: {', '.join(m.name for m in DIST_MUTANTS)}")
+
+
+# --- fsdp ----------------------------------------------------------------------------------------
+
+class AdafactorOnLocalShard(torch.optim.Adafactor):
+    """Adafactor run on each rank's local shard of FSDP2's DTensor parameters as plain tensors (a
+    common way to make an optimizer "work" on DTensors): RMS(param) and the column statistics (a
+    mean over rows) see only this rank's rows, a norm over the local shard. Exactly torch's
+    Adafactor on one rank; kind fsdp catches it from world size 2."""
+
+    def _local_twin(self):
+        if getattr(self, "_twin", None) is None:
+            self._locals = {p: _local_of(p) for g in self.param_groups for p in g["params"]}
+            self._twin = torch.optim.Adafactor([{**g, "params": [self._locals[p] for p in g["params"]]}
+                                                for g in self.param_groups])
+        for mine, theirs in zip(self.param_groups, self._twin.param_groups):  # lr changes reach the twin
+            theirs.update({k: v for k, v in mine.items() if k != "params"})
+        return self._twin
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        twin = self._local_twin()
+        for p, local in self._locals.items():
+            local.grad = None if p.grad is None else _local_of(p.grad)
+        twin.step()
+        for p, local in self._locals.items():  # the state as torch's class keeps it: DTensors
+            if local in twin.state:
+                self.state[p] = {k: _as_dtensor_like(v, p) for k, v in twin.state[local].items()}
+        return loss
+
+
+def _local_of(t):
+    from torch.distributed.tensor import DTensor
+
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+def _as_dtensor_like(v, p):
+    """A state tensor of the local twin as a DTensor over p's mesh: sharded by rows like p where it
+    has p's rows, replicated otherwise (a column statistic: each rank's own, the bug)."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if not isinstance(p, DTensor) or not torch.is_tensor(v) or v.dim() == 0:
+        return v
+    if v.shape[0] == p.to_local().shape[0] and v.dim() == p.dim() and not all(isinstance(x, Replicate) for x in p.placements):
+        shape = (p.shape[0], *v.shape[1:])
+        stride = torch.empty(shape, device="meta").stride()
+        return DTensor.from_local(v, p.device_mesh, p.placements, run_check=False, shape=shape, stride=stride)
+    return DTensor.from_local(v, p.device_mesh, [Replicate()] * len(p.placements), run_check=False)
+
+
+DIST_MUTANTS += (
+    DistMutant("fsdp_norm_over_local_shard", "fsdp", f"{_HERE}:AdafactorOnLocalShard",
+               "world size 2 or more (RMS and column statistics of the local shard only)",
+               lambda c: c.world_size >= 2, algorithm="Adafactor"),
+)
