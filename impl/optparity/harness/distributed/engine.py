@@ -147,7 +147,7 @@ def prepare(candidate: Any, reference: Any = None, *, kind: str | None = None, w
     cases = []
     for algo in algos:
         cases += dmatrix.build_cases(drv, algo, level, sizes, backend, dtypes=dtypes, paths=paths,
-                                     param_sets=param_sets, steps=steps)
+                                     param_sets=param_sets, steps=steps, conditions=drv.conditions_for(obj))
     if case_filter:
         cases = [c for c in cases if matches_filter(c.id, case_filter)]
         if not cases:
@@ -217,6 +217,25 @@ def _failed(case: DistCase, error: RankError, seconds: float) -> CaseResult:
     return result
 
 
+def _start_method(backend: str) -> str:
+    """"fork" when it is safe (ranks then start in a fraction of a second, with torch, the kinds and
+    torch.optim's lazily imported torch._dynamo already loaded), else "spawn"."""
+    import importlib
+    import multiprocessing
+
+    from optparity.harness.check import _forked_openmp_works
+
+    if (backend != "gloo" or "fork" not in multiprocessing.get_all_start_methods() or torch.cuda.is_initialized()
+            or not _forked_openmp_works()):
+        return "spawn"
+    importlib.import_module("torch._dynamo")  # torch.optim imports it at its first step: once here, not per rank
+
+    from optparity.harness.distributed.registry import drivers
+
+    drivers()
+    return "fork"
+
+
 class Pools:
     """Long-lived ranks per world size, started on first use and replaced after a failure."""
 
@@ -233,7 +252,8 @@ class Pools:
         pool = self._pools.get(world_size)
         if pool is None or not pool.alive:
             pool = self._pools[world_size] = RankPool(world_size, self.backend, timeout=self.timeout,
-                                                      collective_timeout=max(5.0, min(30.0, self.timeout / 3)))
+                                                      collective_timeout=max(5.0, min(30.0, self.timeout / 3)),
+                                                      start_method=_start_method(self.backend))
         return pool
 
     def drop(self, world_size: int) -> None:

@@ -201,7 +201,8 @@ class _Run:
                 return
             self.outcome.steps_run = step
             self.compare_params(step, cand, ref, names)
-            self.compare_ranks(step, cand, names)
+            if self.driver.ranks_agree:
+                self.compare_ranks(step, cand, names)
             if step in STATE_STEPS or step == case.steps:
                 if self.compare_state(step, cand, ref, names):
                     return
@@ -269,12 +270,13 @@ class _Run:
         sd, e_c = _attempt(cand.full_state_dict) if cand is not None else (None, None)
         if self.agree(step, e_c, None):
             return False
-        sd = self.share(sd)
-        # the model checkpoint: every rank restarts from the parameters the saving ranks hold
-        saved = self.share(None if cand is None else [p.detach().cpu() for p in cand.full_params()])
-        with torch.no_grad():
-            for p, q in zip(_flat(_groups(pset_c)), saved or ()):
-                p.copy_(q)
+        if not self.driver.state_per_rank:
+            sd = self.share(sd)
+            # the model checkpoint: every rank restarts from the parameters the saving ranks hold
+            saved = self.share(None if cand is None else [p.detach().cpu() for p in cand.full_params()])
+            with torch.no_grad():
+                for p, q in zip(_flat(_groups(pset_c)), saved or ()):
+                    p.copy_(q)
         if sd is None:
             if self.rank == 0:
                 self.tracker.record(step, "state_dict", None, None, None, "no rank returned a state_dict to reload")
@@ -313,6 +315,15 @@ def compare_state_dicts(tracker: _Tracker, step: int, sd_c: dict, sd_r: dict, na
                 tracker.record(step, "state", name, key, diff)
     if "param_groups" in sd_c and "param_groups" in sd_r:
         _compare_param_groups(tracker, step, sd_c, sd_r)
+    others_c, others_r = set(sd_c) - {"state", "param_groups"}, set(sd_r) - {"state", "param_groups"}
+    if others_c != others_r:
+        tracker.record(step, "state_dict", None, None, None,
+                       f"state_dict keys differ: candidate {sorted(map(str, sd_c))}, reference {sorted(map(str, sd_r))}")
+    for key in sorted(others_c & others_r, key=str):  # e.g. PostLocalSGDOptimizer's averager "step"
+        diff = _compare_value(sd_c[key], sd_r[key])
+        if diff is not None:
+            tracker.record(step, "state_dict", None, key, diff if diff.numeric else None,
+                           f"state_dict[{key!r}]: candidate {sd_c[key]!r}, reference {sd_r[key]!r}")
 
 
 def run_on_rank(rank: int, world_size: int, kind: str, candidate: Any, case: DistCase, options: dict,
