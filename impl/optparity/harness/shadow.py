@@ -282,3 +282,44 @@ def _upstream_record() -> dict:
         except (OSError, ValueError):
             _RECORD = {}
     return _RECORD
+
+
+def option_effect(case, reference, change: dict, steps: int | None = None) -> float:
+    """How far the reference's float64 shadow moves when `change` is applied to its
+    hyperparameters (e.g. {"amsgrad": False}), in the units of the verdict's ratio: torch's own
+    error on `case`. Above FACTOR the option changes the result beyond rounding, so a candidate
+    ignoring it can be told apart. Runs the case's steps up to the cross-load (after it the
+    candidate carries the reference's state), each side as the runner steps it."""
+    from optparity.harness import conditions, runner
+    from optparity.harness.candidates import make_driver
+    from optparity.harness.matrix import CROSS_LOAD, LR_CHANGE, RELOAD_OWN
+    from optparity.harness.params import make_grads
+
+    subject = reference if isinstance(reference, runner.Subject) else runner.Subject.of(reference)
+    algo = case.algorithm
+    hyper = {**case.config, **case.path_kwargs()}
+    shadow_hyper = {**case.config, "foreach": False} if "foreach" in runner._signature(subject) else dict(case.config)
+
+    def build(pset, h):
+        return make_driver(subject.obj, subject.kind, algo, pset, h)
+
+    with conditions.applied(case):
+        ref = build(runner._new_pset(case), hyper)
+        probe = runner._new_pset(case)
+        wide = any(p.dtype in _LOW for p in probe.params)
+        shadow = Shadow(build, lambda: runner._new_pset(case), shadow_hyper, wide)
+        alt = build(cast_pset(runner._new_pset(case), _HIGH), cast_config({**shadow_hyper, **change}, _HIGH))
+        drivers = [ref, *shadow.drivers, alt]
+        for step in range(1, min(steps or case.steps, CROSS_LOAD - 1) + 1):
+            grads = make_grads(ref.pset, case.seed, step)
+            own = [grads, *shadow.private_grads(grads), cast_grads(grads, _HIGH)]
+            for driver, g in zip(drivers, own):
+                conditions.step(case, driver, g, step)
+            shadow.measure(step, alt, ref, ref.pset.names)
+            if step == RELOAD_OWN and getattr(ref, "supports_state_dict", False) and not case.config.get("differentiable"):
+                for driver in drivers:
+                    driver.reload(driver.state_dict())
+            if step == LR_CHANGE and getattr(ref, "supports_param_groups", False):
+                for driver in drivers:
+                    driver.scale_lr(0.5)
+    return shadow.ratio
