@@ -22,7 +22,7 @@ from optparity.harness import algorithms, bitwise, conditions, objectives, obser
 from optparity.harness.bitwise import Difference, compare, max_ulp
 from optparity.harness.candidates import (NotApplicable, algorithm_of, kind_of, load_object, make_driver,
                                           options_not_accepted)
-from optparity.harness.matrix import CROSS_LOAD, LR_CHANGE, RELOAD_OWN, Case
+from optparity.harness.matrix import CROSS_LOAD, LR_CHANGE, RELOAD_OWN, ROLLBACKS, Case
 from optparity.harness.params import make_grads, make_params, to_device
 
 
@@ -86,6 +86,8 @@ class Divergence:
     key: str | None
     difference: Difference | None
     message: str
+    rank: int | None = None  # distributed checks (harness/distributed): the rank that saw it
+    world_size: int | None = None
 
     @property
     def numeric(self) -> bool:
@@ -94,6 +96,8 @@ class Divergence:
     def as_dict(self) -> dict:
         d = {"step": self.step, "where": self.where, "param": self.param, "key": self.key, "message": self.message,
              "numeric": self.numeric}
+        if self.rank is not None:
+            d.update(rank=self.rank, world_size=self.world_size)
         if self.difference is not None:
             diff = self.difference
             d.update(element=list(diff.index) if diff.index is not None else None,
@@ -105,7 +109,8 @@ class Divergence:
 
     def describe(self) -> str:
         where = self.where + (f" {self.param}" if self.param else "") + (f"[{self.key!r}]" if self.key else "")
-        return f"step {self.step}, {where}: {self.message}"
+        on = f", rank {self.rank} of world size {self.world_size}" if self.rank is not None else ""
+        return f"step {self.step}{on}, {where}: {self.message}"
 
 
 def _jsonable(v):
@@ -471,8 +476,11 @@ def _run(case: Case, candidate: Subject, reference: Subject, result: CaseResult,
     # lr changes and closure losses only make sense between torch.optim-style optimizers.
     drivers = [d for d in (cand, ref, forloop, *(shadow.drivers if shadow else ())) if d is not None]
     param_groups = all(getattr(d, "supports_param_groups", False) for d in drivers)
+    rollback = {} if reloadable and getattr(case, "axis", "base") == "rollback" else None
     step = 0
     while not stop and step < case.steps:
+        if rollback is not None:
+            _rollback(tracker, step, cand, ref, rollback)
         step += 1
         on_step(step)
         grads = make_grads(pset_r, case.seed, step)
@@ -664,6 +672,24 @@ def _reload(tracker: _Tracker, step: int, cand, ref, cross: bool) -> None:
         tracker.record(step, "state_dict", None, None, None,
                        f"loading {what} failed: candidate: {_error_text(e_c) if e_c else 'ok'} | "
                        f"reference: {_error_text(e_r) if e_r else 'ok'}")
+
+
+def _rollback(tracker: _Tracker, step: int, cand, ref, saved: dict) -> None:
+    """The rollback axis (matrix.ROLLBACKS), after `step`: save both sides' state_dicts where a
+    pair starts, load them back into the same optimizers where it ends."""
+    for save_at, load_at in ROLLBACKS:
+        if step == save_at:
+            saved[load_at] = (_attempt(cand.state_dict), _attempt(ref.state_dict))
+        elif step == load_at and load_at in saved:
+            (sd_c, e_c), (sd_r, e_r) = saved.pop(load_at)
+            if not (e_c or e_r):  # (a state_dict that raises is reported by the other reloads)
+                _, e_c = _attempt(lambda: cand.opt.load_state_dict(sd_c))
+                _, e_r = _attempt(lambda: ref.opt.load_state_dict(sd_r))
+            if e_c or e_r:
+                tracker.record(step, "state_dict", None, None, None,
+                               f"loading the state_dict of step {save_at} back in place failed: candidate: "
+                               f"{_error_text(e_c) if e_c else 'ok'} | reference: {_error_text(e_r) if e_r else 'ok'}")
+            _compare_drivers(tracker, step, cand, ref, cand.pset.names)
 
 
 def _grad_through_step(pset):
