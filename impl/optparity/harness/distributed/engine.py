@@ -169,6 +169,15 @@ def _first(divs):
     return min(divs, key=lambda d: (d.step, _WHERE_ORDER.get(d.where, 9), d.rank or 0), default=None)
 
 
+def _waited_on_peer(tb: str) -> bool:
+    """An error a rank meets in a collective because a peer is gone or stuck (Gloo: "Application
+    timeout caused pair closure", "Connection closed by peer", ...)."""
+    if not tb:
+        return False
+    last = tb.strip().splitlines()[-1].lower()
+    return _is_collective_failure(tb) or "timeout" in last or "pair closure" in last
+
+
 def merge(case: DistCase, outcomes: list[RankOutcome], options: RunOptions) -> CaseResult:
     """The ranks' outcomes as one CaseResult, classified by runner's own rules."""
     result = CaseResult(case, numerics_only=options.numerics_only, max_ulp=options.max_ulp)
@@ -183,8 +192,9 @@ def merge(case: DistCase, outcomes: list[RankOutcome], options: RunOptions) -> C
     merged.first_numeric = _first(t.first_numeric for t in trackers)
     merged.first_api = _first(t.first_api for t in trackers)
     # the error to show: one a rank raised itself, before one its peers met in a collective
-    erring = [t for t in trackers if t.error is not None]
-    own = [t for t in erring if not (t.traceback and _is_collective_failure(t.traceback))]
+    erring = [o.tracker for o in outcomes if o.tracker.error is not None]
+    own = [o.tracker for o in outcomes if o.tracker.error is not None and not o.peer_failure
+           and not _waited_on_peer(o.tracker.traceback)]
     chosen = min(own or erring, key=lambda t: (t.error.step, t.error.rank or 0), default=None)
     if chosen is not None:
         merged.error, merged.traceback = chosen.error, chosen.traceback
