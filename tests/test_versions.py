@@ -106,9 +106,12 @@ def test_configurations_new_in_the_installed_torch_run_after_ours(monkeypatch):
     monkeypatch.setattr(versions, "MIRRORS_TORCH", "2.99")
     known = matrix.spec("Adam").configs()
     new = {"lr": 0.5, "betas": (0.1, 0.2)}
-    monkeypatch.setattr(torch_tests, "installed_configs", lambda algo, device="cpu": [known[0], new])
+    monkeypatch.setattr(torch_tests, "installed_configs",
+                        lambda algo, device="cpu": [known[0], new] if algo == "Adam" else [])
+    monkeypatch.setattr(torch_tests, "reason", lambda: None)
     cfgs = matrix.configs("Adam")
     assert cfgs == [*known, new]  # only the new one, after every existing configuration
+    assert torch_tests.note().endswith("1 beyond torch 2.99's, run after them: Adam 1")
     after = {c.id: c.seed for c in matrix.build_cases(["Adam"], ("forloop",), (torch.float32,), ("mixed",))}
     assert {k: v for k, v in after.items() if k in before} == before  # existing ids and seeds unchanged
     assert [k for k in after if k not in before] and all("lr=0.5" in k for k in after if k not in before)
@@ -144,3 +147,40 @@ def test_the_installed_torch_tests_are_read_in_a_child_and_cached(monkeypatch, t
             assert all(any(matrix.same_config(c, k) for k in matrix.spec("Adam").torch_configs) for c in adam)
     finally:
         torch_tests._read.cache_clear()
+
+
+# --- where upstream's API changed after the mirrored release, optparity follows the installed one ----
+
+def _outcome(fn):
+    try:
+        fn()
+        return None
+    except Exception as e:  # noqa: BLE001 - the error is what is compared
+        return type(e), str(e)
+
+
+def test_lbfgs_signature_and_maximize_follow_the_installed_torch():
+    import inspect
+
+    import optparity.optim
+
+    ours, theirs = inspect.signature(optparity.optim.LBFGS), inspect.signature(torch.optim.LBFGS)
+    assert [(p.name, p.kind, p.default) for p in ours.parameters.values()] == \
+           [(p.name, p.kind, p.default) for p in theirs.parameters.values()]
+    for kwargs in ({"maximize": True}, {"maximize": False}):  # a TypeError on 2.13, a group key on 2.14+
+        outcomes = [_outcome(lambda cls=cls: cls([torch.zeros(2, requires_grad=True)], **kwargs))
+                    for cls in (optparity.optim.LBFGS, torch.optim.LBFGS)]
+        assert outcomes[0] == outcomes[1]
+    # a group without parameters: 2.13 fails at the step (IndexError), 2.14+ returns the closure's loss
+    empty = [_outcome(lambda cls=cls: cls([{"params": []}]).step(lambda: torch.tensor(1.0)))
+             for cls in (optparity.optim.LBFGS, torch.optim.LBFGS)]
+    assert empty[0] == empty[1]
+
+
+def test_muon_adjust_lr_fns_follow_the_installed_torch():
+    import optparity.optim
+
+    for fn in ("original", "match_rms_adamw", "spectral_unclamped", "nonsense"):
+        outcomes = [_outcome(lambda cls=cls: cls([torch.zeros(3, 2, requires_grad=True)], adjust_lr_fn=fn))
+                    for cls in (optparity.optim.Muon, torch.optim.Muon)]
+        assert outcomes[0] == outcomes[1], fn

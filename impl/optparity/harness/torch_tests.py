@@ -110,4 +110,12 @@ def note() -> str | None:
     if why:
         return (f"torch's test configurations: {why}; the matrix holds torch {versions.MIRRORS_TORCH}'s "
                 f"(install expecttest to read torch {torch.__version__}'s)")
-    return f"torch's test configurations: torch {versions.MIRRORS_TORCH}'s, plus any torch {torch.__version__}'s tests add"
+    from optparity.harness.algorithms import SPECS
+
+    added = {algo: len(configs_added_by_installed_torch(algo, "cpu", spec.configs())) for algo, spec in SPECS.items()}
+    added = {algo: n for algo, n in added.items() if n}
+    if not added:
+        return (f"torch's test configurations: read from torch {torch.__version__}, none beyond torch "
+                f"{versions.MIRRORS_TORCH}'s")
+    return (f"torch's test configurations: read from torch {torch.__version__}, {sum(added.values())} beyond torch "
+            f"{versions.MIRRORS_TORCH}'s, run after them: " + ", ".join(f"{a} {n}" for a, n in added.items()))
