@@ -182,6 +182,24 @@ def test_commands_exist(page):
     assert not bad, f"{_rel(page)}:\n  " + "\n  ".join(dict.fromkeys(bad))
 
 
+# Options of other tools that pages name on their own, in a code span (`--junitxml`).
+OTHER_TOOLS_OPTIONS = {"--junitxml"}
+
+
+def _all_options(parser: argparse.ArgumentParser) -> set[str]:
+    return _options(parser).union(*(_all_options(p) for p in _subparsers(parser).values()))
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_rel)
+def test_options_named_alone_exist(page):
+    """An option named on its own (`--numerics-only`) is an option of some optparity command."""
+    known = _all_options(build_parser()) | OTHER_TOOLS_OPTIONS
+    plugin = (ROOT / "impl/optparity/pytest_plugin.py").read_text()
+    named = re.findall(r"`(--[a-z][a-z0-9-]*)", _prose(page))
+    bad = sorted({o for o in named if o not in known and f'"{o}"' not in plugin})
+    assert not bad, f"{_rel(page)} names options no optparity command has: {bad}"
+
+
 def test_readme_is_short_and_keeps_the_two_commands():
     readme = (ROOT / "README.md").read_text()
     assert len(readme.splitlines()) <= README_MAX_LINES
