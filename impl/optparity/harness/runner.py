@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from optparity.harness import algorithms, bitwise, conditions, objectives, observers, schedulers
+from optparity.harness import algorithms, bitwise, conditions, objectives, observers, schedulers, shadow as shadows
 from optparity.harness.bitwise import Difference, compare, max_ulp
 from optparity.harness.candidates import (NotApplicable, algorithm_of, kind_of, load_object, make_driver,
                                           options_not_accepted)
@@ -143,7 +143,9 @@ class CaseResult:
     hung_step: int | None = None  # hung: the step it was in
     numerics_only: bool = False
     max_ulp: int | None = None  # the tolerance it ran under (None: bit for bit)
-    fused_vs_forloop_ulp: int | None = None  # measured, informational
+    fused_vs_forloop_ulp: int | None = None  # measured, informational: the candidate against torch's for-loop path
+    shadow: dict | None = None  # numerics_differ: the shadow verdict the math rests on (harness/shadow.py)
+    reference_suspect: str = ""  # torch's path is known wrong or nondeterministic here (shadow.suspect_note)
     message: str = ""
     seconds: float = 0.0
 
@@ -215,6 +217,7 @@ class _Tracker:
         self.max_abs = self.max_rel = 0.0
         self.nan = self.inf = 0
         self.per_step: dict[int, dict] = {}
+        self.numeric_where: set[str] = set()  # where numeric differences were seen ("param", "state", ...)
 
     def record(self, step, where, param, key, diff: Difference | None = None, message: str = ""):
         div = Divergence(step, where, param, key, diff, message or (diff.describe() if diff else ""))
@@ -222,6 +225,7 @@ class _Tracker:
             self.first_api = self.first_api or div
             return
         self.first_numeric = self.first_numeric or div
+        self.numeric_where.add(where)
         row = self.per_step.setdefault(step, dict(_EMPTY_STEP))
         row["nan_inf"] += diff.nan_mismatches + diff.inf_mismatches
         self.nan += diff.nan_mismatches
@@ -377,13 +381,25 @@ def run_case(case: Case, candidate: Subject, reference: Subject, options: RunOpt
         if on_step is not None:
             on_step(n)
 
+    placement = bitwise.across_devices if getattr(case, "across_devices", False) else contextlib.nullcontext
     try:
-        placement = bitwise.across_devices() if getattr(case, "across_devices", False) else contextlib.nullcontext()
-        with conditions.applied(case), placement:  # the case's threads and default dtype (edge axes)
+        with conditions.applied(case), placement():  # the case's threads and default dtype (edge axes)
             _run(case, candidate, reference, result, options, stepping)
     except NotApplicable as e:
         result.verdict, result.message = Verdict.NOT_APPLICABLE, str(e)
         result.rejected_options = list(e.options)
+    if result.verdict in (Verdict.NUMERICS_DIFFER, Verdict.WITHIN_TOLERANCE) and not getattr(case, "across_devices", False):
+        # Differing numbers: run the case again beside the higher-precision shadow, which says
+        # whether they differ as rounding does (harness/shadow.py). Only differing cases pay for it.
+        again = CaseResult(case, numerics_only=options.numerics_only, max_ulp=options.max_ulp)
+        with conditions.applied(case), placement():
+            _run(case, candidate, reference, again, options, stepping, with_shadow=True)
+        if again.verdict == result.verdict and again.worst_ulp == result.worst_ulp:
+            again.fused_vs_forloop_ulp = result.fused_vs_forloop_ulp
+            result = again
+        else:  # candidate or reference not deterministic: the first run's figures, the shadow's math
+            result.shadow, result.math = again.shadow, again.math
+            result.message += "; a second run gave other numbers (not deterministic)"
     result.seconds = time.perf_counter() - start
     return result
 
@@ -395,8 +411,33 @@ def _new_pset(case: Case, device: str | None = None):
                        differentiable=bool(case.config.get("differentiable")), device=device)
 
 
+def _start_shadow(case: Case, reference: Subject, algo: str, options: RunOptions):
+    """(the case's shadow, or None, why not): the reference in float64 (and float32 for float64
+    tensors) over the case's parameters, on its for-loop path."""
+    hyper = {**case.config, **options.hyper}
+    if not options_not_accepted(reference.obj, reference.kind, {"foreach": False}) and "foreach" in _signature(reference):
+        hyper["foreach"] = False
+    try:
+        probe = _new_pset(case)
+        wide = any(p.dtype in (torch.float64, torch.complex128) for p in probe.params)
+        made = shadows.Shadow(lambda pset, h: make_driver(reference.obj, reference.kind, algo, pset, h),
+                              lambda: _new_pset(case), hyper, wide)
+    except Exception as e:  # noqa: BLE001 - the reference cannot run in float64: no shadow, said so
+        return None, f"no shadow: the reference in float64 raised {_error_text(e)}"
+    return made, ""
+
+
+def _signature(subject: Subject) -> set[str]:
+    import inspect
+
+    try:
+        return set(inspect.signature(subject.obj).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
 def _run(case: Case, candidate: Subject, reference: Subject, result: CaseResult, options: RunOptions,
-         on_step: Callable[[int], None]) -> None:
+         on_step: Callable[[int], None], with_shadow: bool = False) -> None:
     algo = case.algorithm
     hyper = {**case.config, **options.hyper, **case.path_kwargs()}
     tracker = _Tracker()
@@ -419,17 +460,21 @@ def _run(case: Case, candidate: Subject, reference: Subject, result: CaseResult,
         forloop, _ = _attempt(lambda: make_driver(reference.obj, reference.kind, algo, _new_pset(case),
                                                   {**case.config, **options.hyper, "foreach": False}))
         result.fused_vs_forloop_ulp = 0
+    result.reference_suspect = shadows.suspect_note(case, reference.label, pset_r.params)
+    shadow, no_shadow = _start_shadow(case, reference, algo, options) if with_shadow and e_ref is None else (None, "")
+    # torch's error against the shadow: its for-loop path's where the reference itself is the suspect
+    noise_ref = forloop if result.reference_suspect and forloop is not None else ref
     stop = _same_error(tracker, 0, e_cand, e_ref)
     # .grad, zero_grad, hooks and load_state_dict's argument are compared too (harness/observers.py)
     observer = observers.Observer(tracker, cand, ref, names) if cand is not None and ref is not None else None
     scheduled = bool(case.scheduler) and observer is not None and observer.active
     if scheduled:  # the same LR scheduler steps both (harness/schedulers.py)
-        schedulers.attach(case, cand, ref)
+        schedulers.attach(case, cand, ref, *(shadow.drivers if shadow else ()))
     differentiable = bool(case.config.get("differentiable"))
     reloadable = (not differentiable and getattr(cand, "supports_state_dict", False)
                   and getattr(ref, "supports_state_dict", False))
     # lr changes and closure losses only make sense between torch.optim-style optimizers.
-    drivers = [d for d in (cand, ref, forloop) if d is not None]
+    drivers = [d for d in (cand, ref, forloop, *(shadow.drivers if shadow else ())) if d is not None]
     param_groups = all(getattr(d, "supports_param_groups", False) for d in drivers)
     rollback = {} if reloadable and getattr(case, "axis", "base") == "rollback" else None
     step = 0
@@ -439,10 +484,14 @@ def _run(case: Case, candidate: Subject, reference: Subject, result: CaseResult,
         step += 1
         on_step(step)
         grads = make_grads(pset_r, case.seed, step)
+        # the shadow's own copies first: the reference's zero_grad (observers.py) zeroes `grads` in place
+        shadow_grads = shadow.private_grads(grads) if shadow is not None and not shadow.failed else None
         loss_r, e_ref = _attempt(lambda: conditions.step(case, ref, grads, step))
         loss_c, e_cand = _attempt(lambda: conditions.step(case, cand, _clone(grads, to_candidate), step))
         if _same_error(tracker, step, e_cand, e_ref):
             break
+        if shadow_grads is not None:
+            _step_shadow(case, shadow, shadow_grads, step)
         if param_groups:
             diff = _compare_value(loss_c, loss_r)
             if diff is not None:
@@ -458,11 +507,17 @@ def _run(case: Case, candidate: Subject, reference: Subject, result: CaseResult,
             observer.after_step(step)
         if differentiable and step == 1:
             _compare_backward(tracker, step, pset_c, pset_r)
-        if forloop is not None and _attempt(lambda: conditions.step(case, forloop, _clone(grads), step))[1] is None:
+        forloop_ok = forloop is not None and _attempt(lambda: conditions.step(case, forloop, _clone(grads), step))[1] is None
+        if forloop_ok:
             for pc, pf in zip(cand.pset.params, forloop.pset.params):
                 ulps = max_ulp(pc, pf)
                 if ulps is not None:
                     result.fused_vs_forloop_ulp = max(result.fused_vs_forloop_ulp, ulps)
+        if shadow is not None and not shadow.failed:
+            if noise_ref is ref or forloop_ok:
+                shadow.measure(step, cand, noise_ref, names)
+        if reloadable and step in (RELOAD_OWN, CROSS_LOAD) and shadow is not None and not shadow.failed:
+            _reload_shadow(shadow, step)  # as the two sides do: a reload casts state to the parameter's dtype
         if reloadable and step == RELOAD_OWN:
             _reload(tracker, step, cand, ref, cross=False)
         if reloadable and step == CROSS_LOAD:
@@ -476,6 +531,47 @@ def _run(case: Case, candidate: Subject, reference: Subject, result: CaseResult,
                 driver.scale_lr(0.5)
     result.steps_run = step
     _classify(result, tracker, options)
+    if with_shadow:
+        _judge_by_shadow(result, tracker, shadow, no_shadow)
+
+
+def _step_shadow(case: Case, shadow, grads: list, step: int) -> None:
+    for driver, own in zip(shadow.drivers, grads):
+        _, e = _attempt(lambda: conditions.step(case, driver, own, step))
+        if e is not None:
+            shadow.failed = f"the shadow stopped at step {step}: {_error_text(e)}"
+            return
+
+
+def _reload_shadow(shadow, step: int) -> None:
+    for driver in shadow.drivers:
+        _, e = _attempt(lambda: driver.reload(driver.state_dict()))
+        if e is not None:
+            shadow.failed = f"the shadow could not reload its own state at step {step}: {_error_text(e)}"
+            return
+
+
+def _judge_by_shadow(result: CaseResult, tracker: _Tracker, shadow, no_shadow: str) -> None:
+    """The math of a differing case from its shadow (harness/shadow.py). Differences outside
+    parameters and state (a closure's loss, a gradient through the step) keep the ULP-growth rule
+    for their part; without a shadow the ULP-growth rule alone decides, and says so."""
+    if result.verdict not in (Verdict.NUMERICS_DIFFER, Verdict.WITHIN_TOLERANCE):
+        return
+    if shadow is None or shadow.failed or not shadow.per_step:
+        why = no_shadow or (shadow.failed if shadow is not None else "no shadow")
+        result.shadow = {"math": None, "note": why or "no shadow"}
+        result.message += f"; by ULP growth ({why})"
+        return
+    nan_inf = bool(tracker.nan or tracker.inf)
+    basis = "torch's for-loop path stands in for the suspect reference" if result.reference_suspect else ""
+    verdict = shadow.verdict(nan_inf, ROUNDING, DIFFERENT_MATH, basis)
+    others = tracker.numeric_where - {"param", "state"}
+    if others:  # a closure's loss, a gradient through the step: no shadow of theirs, named instead
+        verdict.note = "; ".join(n for n in (verdict.note, f"{', '.join(sorted(others))} also differ (not judged by "
+                                                          f"the shadow)") if n)
+    old = f"[{result.math}:"
+    result.math, result.shadow = verdict.math, verdict.as_dict()
+    result.message = result.message.replace(old, f"[{result.math}:", 1) + f"; vs shadow: {verdict.describe()}"
 
 
 def _classify(result: CaseResult, tracker: _Tracker, options: RunOptions) -> None:
@@ -513,6 +609,10 @@ def _classify(result: CaseResult, tracker: _Tracker, options: RunOptions) -> Non
     if across and result.verdict in (Verdict.MEASURED_ACROSS_DEVICES, Verdict.API_DIFFERS):
         distance = _distance_across_devices(result)
         result.message = distance + (f"; first difference: {result.message}" if result.message else "")
+    if result.reference_suspect and result.verdict != Verdict.BIT_IDENTICAL:
+        result.message += f"; reference suspect: {result.reference_suspect}"
+        if result.fused_vs_forloop_ulp is not None:
+            result.message += f" (the candidate is {result.fused_vs_forloop_ulp} ulp from torch's for-loop path)"
     if tracker.first_api is not None and result.verdict != Verdict.API_DIFFERS:
         result.message += f"; also API/layout: {tracker.first_api.describe()}"
 
