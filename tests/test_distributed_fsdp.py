@@ -58,7 +58,8 @@ def test_bad_input_is_refused_before_any_rank():
         prepare("torch.distributed.optim:ZeroRedundancyOptimizer", kind="fsdp", world_sizes=[2])
     with pytest.raises(UsageError, match="pass --algorithm"):
         prepare("optparity.harness.distributed.kinds.fsdp:FsdpSide", kind="fsdp1", world_sizes=[2])
-    assert prepare("torch.optim:SGD", world_sizes=[2]).kind == "fsdp"  # detected from the signature
+    with pytest.raises(UsageError, match="fsdp1?: .*pass --kind"):  # FSDP2 or FSDP1: the user says which
+        prepare("torch.optim:SGD", world_sizes=[2])
 
 
 # The finding table (docs/distributed-check.md, "FSDP kinds"): torch.optim's classes on FSDP shards.

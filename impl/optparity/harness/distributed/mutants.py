@@ -252,8 +252,14 @@ def _as_dtensor_like(v, p):
     return DTensor.from_local(v, p.device_mesh, [Replicate()] * len(p.placements), run_check=False)
 
 
+def _fsdp_shards_a_parameter(case) -> bool:
+    """World size 2 or more, and a parameter FSDP shards: few_params keeps world size - 1 trainable
+    parameters, and the first (mixed's 0-dim one) stays whole outside FSDP."""
+    return case.world_size >= (3 if case.condition == "few_params" else 2)
+
+
 DIST_MUTANTS += (
     DistMutant("fsdp_norm_over_local_shard", "fsdp", f"{_HERE}:AdafactorOnLocalShard",
-               "world size 2 or more (RMS and column statistics of the local shard only)",
-               lambda c: c.world_size >= 2, algorithm="Adafactor"),
+               "a parameter sharded over 2 or more ranks (RMS and column statistics of the local shard only)",
+               _fsdp_shards_a_parameter, algorithm="Adafactor"),
 )

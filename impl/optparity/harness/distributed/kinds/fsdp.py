@@ -213,9 +213,9 @@ class FsdpDriver(Driver):
     takes_reference = True
 
     def detect(self, obj):
-        if (inspect.isclass(obj) and issubclass(obj, torch.optim.Optimizer) and not _wrapper_keyword(obj)
-                and self.kind == "fsdp"):
-            return "a torch.optim.Optimizer subclass (is it shard-safe on FSDP2? --kind fsdp1 for FSDP1)"
+        # a plain optimizer class: fsdp and fsdp1 both claim it, so the user is asked which
+        if inspect.isclass(obj) and issubclass(obj, torch.optim.Optimizer) and not _wrapper_keyword(obj):
+            return f"a torch.optim.Optimizer subclass, run on {'FSDP2' if self.flavour == 'fsdp2' else 'FSDP1'} shards"
         return None
 
     def validate(self, obj):
