@@ -170,6 +170,8 @@ def _add_check(sub) -> None:
     p.add_argument("--golden", nargs="?", const="", metavar="DIR",
                    help="check against recorded fingerprints in DIR (default reference/golden) instead of running "
                         "the reference; exit 2 when they cannot be compared (harness/golden.py)")
+    from optparity.harness.distributed.cli import add_arguments as add_distributed_arguments
+    add_distributed_arguments(p)  # --kind, --world-sizes, --backend (docs/distributed-check.md)
     p.set_defaults(func=_run_check)
 
 
@@ -311,6 +313,9 @@ def _check_command(args) -> int:
         print(f"optparity check: {message}", file=sys.stderr)
         return 2
 
+    from optparity.harness.distributed.cli import is_distributed, run_distributed_check
+    if is_distributed(args):  # --kind / --world-sizes / --backend: the check over N ranks
+        return run_distributed_check(args, usage)
     pairs = _all_candidates() if args.all else [(args.candidate, args.reference)]
     devices = {"--device": args.device, "--reference-device": args.reference_device}
     if args.golden is not None and any(d not in (None, "cpu") for d in devices.values()):

@@ -224,6 +224,7 @@ def check(candidate: Any, reference: Any = None, *, algorithm: str | None = None
           workers: int = 1, timeout: float | None = None,
           progress: Callable[[CaseResult], None] | None = None, hyper: dict | None = None,
           numerics_only: bool = False, case_filter: str | None = None, max_ulp: int | None = None,
+          kind: str | None = None, world_sizes=None, backend: str | None = None,
           **run_options) -> CheckReport:
     """Compare `candidate` with `reference` (default: torch.optim's class of the same name).
 
@@ -239,7 +240,17 @@ def check(candidate: Any, reference: Any = None, *, algorithm: str | None = None
     differences are reported but do not fail, and state dicts are not cross-loaded; case_filter: a
     substring or regular expression over case ids; max_ulp: numeric differences of at most that many
     ULPs (no NaN/inf mismatch) pass as "within tolerance" (default: bit for bit).
+    kind / world_sizes / backend: a distributed optimizer over that many ranks (kind "zero",
+    "local-sgd", "fsdp", "fsdp1", "adapter"; harness/distributed/, docs/distributed-check.md).
     """
+    if kind is not None or world_sizes is not None or backend is not None:
+        from optparity.harness.distributed.engine import check as distributed_check
+
+        return distributed_check(candidate, reference, kind=kind, world_sizes=world_sizes, backend=backend,
+                                 algorithm=algorithm, level=level, paths=paths, dtypes=dtypes,
+                                 param_sets=param_sets, steps=steps, fail_fast=fail_fast, timeout=timeout,
+                                 progress=progress, hyper=hyper, numerics_only=numerics_only,
+                                 case_filter=case_filter, max_ulp=max_ulp, **run_options)
     plan = prepare(candidate, reference, algorithm=algorithm, level=level, paths=paths, dtypes=dtypes,
                    param_sets=param_sets, steps=steps, cases=cases, case_filter=case_filter,
                    hyper=dict(hyper or {}), numerics_only=numerics_only, max_ulp=max_ulp, **run_options)

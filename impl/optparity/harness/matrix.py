@@ -178,7 +178,7 @@ def _upstream_nondeterministic(algo: str, config: dict, path: str, dtype: torch.
     """Cases whose reference is not deterministic, so no candidate can match it bit for bit:
     torch 2.13's fused CPU SGD with momentum on float16/bfloat16 tensors of 64+ elements gives a
     different momentum_buffer from run to run (an element now and then is garbage, e.g. -inf) from
-    the second step on (README, "What the harness found upstream")."""
+    the second step on (docs/upstream-findings.md)."""
     low = dtype in (torch.float16, torch.bfloat16) or pset == "dtype_mix"
     on_cpu = any(device_type(d) == "cpu" for d in devices)  # the CPU kernel's fault, not CUDA's
     return algo == "SGD" and path == "fused" and bool(config.get("momentum")) and low and on_cpu
@@ -225,8 +225,8 @@ def build_cases(algorithms=ALGORITHMS, paths=PATHS, dtypes=DTYPES, param_sets=PA
     return cases
 
 
-# --- Edge axes: the conditions kernels break under, each on a chosen subset (the README's case
-# matrix says which case covers which condition and why). Cheap ones run at the default level,
+# --- Edge axes: the conditions kernels break under, each on a chosen subset (docs/matrix.md
+# says which case covers which condition and why). Cheap ones run at the default level,
 # expensive ones (huge tensors, long runs, every configuration) only at the full level.
 EDGE_AXES = ("low_precision", "sizes", "tensor_count", "layouts", "values", "lengths", "threads",
              "dtype_mix", "amp", "default_dtype")

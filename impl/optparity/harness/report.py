@@ -34,6 +34,7 @@ def row(r) -> dict:
         "first_divergence": _div(r.divergence), "first_numeric_divergence": _div(r.first_numeric),
         "first_api_divergence": _div(r.first_api), "error": _div(r.error), "traceback": r.traceback or None,
         "per_step": r.per_step or None,
+        **(c.report_fields() if hasattr(c, "report_fields") else {}),  # distributed cases: world size, ...
     }
 
 

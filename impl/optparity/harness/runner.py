@@ -86,6 +86,8 @@ class Divergence:
     key: str | None
     difference: Difference | None
     message: str
+    rank: int | None = None  # distributed checks (harness/distributed): the rank that saw it
+    world_size: int | None = None
 
     @property
     def numeric(self) -> bool:
@@ -94,6 +96,8 @@ class Divergence:
     def as_dict(self) -> dict:
         d = {"step": self.step, "where": self.where, "param": self.param, "key": self.key, "message": self.message,
              "numeric": self.numeric}
+        if self.rank is not None:
+            d.update(rank=self.rank, world_size=self.world_size)
         if self.difference is not None:
             diff = self.difference
             d.update(element=list(diff.index) if diff.index is not None else None,
@@ -105,7 +109,8 @@ class Divergence:
 
     def describe(self) -> str:
         where = self.where + (f" {self.param}" if self.param else "") + (f"[{self.key!r}]" if self.key else "")
-        return f"step {self.step}, {where}: {self.message}"
+        on = f", rank {self.rank} of world size {self.world_size}" if self.rank is not None else ""
+        return f"step {self.step}{on}, {where}: {self.message}"
 
 
 def _jsonable(v):
