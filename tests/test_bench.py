@@ -371,5 +371,31 @@ def test_report_cli_exit_codes_as_ci_sees_them(tmp_path):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "partial.csv" in bad.stderr
     slow = run("--compare", str(FIX / "base"), str(FIX / "slow20"), "--html", str(tmp_path / "a.html"))
     assert slow.returncode == 1 and SLOWED in slow.stdout
-    same = run("--compare", str(FIX / "base"), str(FIX / "rerun"), "--html", str(tmp_path / "b.html"))
-    assert same.returncode == 0 and "No regression" in same.stdout
+
+
+# ---------------------------------------------------------------- instruction counts
+
+def test_callgrind_totals_are_parsed_and_garbage_refused():
+    from optparity.bench import instructions
+
+    assert instructions.parse_callgrind_total("version: 1\ncmd: python\nevents: Ir\nsummary: 123456\n") == 123456
+    assert instructions.parse_callgrind_total("events: Ir\nfn=main\n1 5\ntotals: 99\n") == 99
+    with pytest.raises(ValueError, match="callgrind"):
+        instructions.parse_callgrind_total("not a profile")
+
+
+def test_instruction_counts_compare_with_the_minimum_effect(capsys, tmp_path):
+    new = tmp_path / "new"
+    shutil.copytree(FIX / "rerun", new)
+    base = tmp_path / "base"
+    shutil.copytree(FIX / "base", base)
+    for run, count in ((base, 1_000_000), (new, 1_020_000)):  # +2%: within the 3% tolerance
+        mem = pd.read_csv(run / "memory.csv")
+        row = mem.iloc[:1].assign(metric="instructions_per_step", bytes=count, benchmark=SLOWED)
+        pd.concat([mem, row]).to_csv(run / "memory.csv", index=False)
+    assert compare(capsys, base, new)[0] == 0
+    mem = pd.read_csv(new / "memory.csv")
+    mem.loc[mem["metric"] == "instructions_per_step", "bytes"] = 1_100_000  # +10%
+    mem.to_csv(new / "memory.csv", index=False)
+    code, out, _ = compare(capsys, base, new)
+    assert code == 1 and flagged(out) == [f"{SLOWED} [instructions_per_step]"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime
 import json
 import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,9 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--out", default="reports", help="parent directory of the run directory (default: reports)")
     p.add_argument("--run-name", help="default: <UTC timestamp>-<short git sha>")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--instructions", action="store_true",
+                   help="also count instructions per step with valgrind's callgrind (deterministic; minutes per "
+                        "case; exit 2 when valgrind is missing)")
     p.add_argument("--no-figures", action="store_true",
                    help="write the tables and headline but no PNG figures (faster, for CI)")
     p.add_argument("--baseline", metavar="RUN",
@@ -126,6 +130,23 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _instruction_rows(cases, threads: int, device: str) -> list[dict]:
+    """memory.csv rows of instructions per step (instructions.py), one per CPU case."""
+    from optparity.bench import instructions
+    from optparity.bench.workloads import WORKLOADS
+
+    rows = []
+    for c in cases:
+        if device != "cpu":
+            break
+        print(f"counting instructions: {c.benchmark} (callgrind) ...", flush=True)
+        n = instructions.count_per_step(c.algorithm, c.impl, c.workload, c.dtype, threads)
+        rows.append({"benchmark": c.benchmark, "algorithm": c.algorithm, "impl": c.impl, "workload": c.workload,
+                     "dtype": c.dtype, "numel": WORKLOADS[c.workload].numel, "metric": instructions.METRIC,
+                     "sample": 0, "bytes": n})
+    return rows
+
+
 def run_bench(args) -> int:
     import pandas as pd
     import torch
@@ -155,6 +176,10 @@ def run_bench(args) -> int:
         print(f"optparity bench: nothing to measure: {','.join(args.impls)} does not exist for "
               f"{','.join(args.algorithms)} on {args.device}", file=sys.stderr)
         return 2
+    if args.instructions and shutil.which("valgrind") is None:
+        print("optparity bench: --instructions needs valgrind (apt-get install valgrind); perf counters: "
+              "see docs/regression-tracking.md", file=sys.stderr)
+        return 2
     sha = _git_sha()
     now = datetime.datetime.now(datetime.timezone.utc)
     name = args.run_name or f"{now:%Y%m%d-%H%M%S}-{sha}"
@@ -169,6 +194,8 @@ def run_bench(args) -> int:
     with progress(len(cases) * args.rounds, "optparity bench", enabled=not args.no_progress) as advance:
         timing, memory = measure.run(cases, threads=args.threads, budget=budget, device=args.device,
                                      rounds=args.rounds, advance=advance)
+    if args.instructions:
+        memory += _instruction_rows(cases, args.threads, args.device)
     samples = pd.DataFrame(timing)[[*SAMPLE_COLUMNS, *BLOCK_COLUMNS]].assign(run=name)
     mem = pd.DataFrame(memory).assign(run=name)
     samples.to_csv(run_dir / SAMPLES_CSV, index=False)

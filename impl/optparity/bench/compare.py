@@ -35,7 +35,8 @@ from optparity.bench.report import (
     load_samples,
 )
 
-MEMORY_METRICS = ("state_bytes", "step_peak_bytes", "step_alloc_bytes")
+MEMORY_METRICS = ("state_bytes", "step_peak_bytes", "step_alloc_bytes", "instructions_per_step")
+COUNTED = "instructions_per_step"  # instructions.py: near-exact, compared with the minimum effect as tolerance
 COLUMNS = ["median", "q1", "q3", "n", "unit"]
 
 
@@ -183,8 +184,9 @@ def compare_timings(base: Result, new: Result, rule: decide.Rule, raw: bool = Fa
     return pd.concat([t for t in (out, ref, rest) if len(t)])
 
 
-def compare_memory(base: Result, new: Result) -> pd.DataFrame:
-    """Exact figures: REGRESSION when NEW's smallest sample exceeds BASE's largest."""
+def compare_memory(base: Result, new: Result, rule: decide.Rule = decide.Rule()) -> pd.DataFrame:
+    """Exact figures: REGRESSION when NEW's smallest sample exceeds BASE's largest. Instruction
+    counts: when NEW exceeds BASE by more than the minimum effect."""
     if base.memory is None or new.memory is None:
         return pd.DataFrame()
     key = lambda m: m["benchmark"] + " [" + m["metric"] + "]"  # noqa: E731
@@ -196,8 +198,14 @@ def compare_memory(base: Result, new: Result) -> pd.DataFrame:
     verdict[j["min_n"] > j["max_b"]] = decide.REGRESSION
     both_zero = (j["median_b"] == 0) & (j["median_n"] == 0)
     ratio = (j["median_n"] / j["median_b"].where(j["median_b"] != 0)).where(~both_zero, 1.0)
-    out = pd.DataFrame({"kind": "memory", "figure": "bytes (exact)", "base": j["median_b"], "new": j["median_n"],
-                        "ratio": ratio, "delta_bytes": j["median_n"] - j["median_b"], "verdict": verdict})
+    counted = j.index.str.endswith(f"[{COUNTED}]")
+    verdict[counted] = decide.SAME
+    verdict[counted & (ratio < 1 / (1 + rule.min_effect))] = decide.FASTER
+    verdict[counted & (ratio > 1 + rule.min_effect)] = decide.REGRESSION
+    out = pd.DataFrame({"kind": np.where(counted, "instructions", "memory"),
+                        "figure": np.where(counted, "instructions (callgrind)", "bytes (exact)"),
+                        "base": j["median_b"], "new": j["median_n"], "ratio": ratio,
+                        "delta_bytes": (j["median_n"] - j["median_b"]).where(~counted), "verdict": verdict})
     missing = bm.index.difference(nm.index)
     if len(missing):
         out = pd.concat([out, pd.DataFrame({"kind": "memory", "verdict": "missing in NEW"}, index=missing)])
@@ -245,7 +253,7 @@ def compare(base: Result, new: Result, rule: decide.Rule, raw: bool = False, thr
     if base.stats is not None:
         table = compare_quantiles(base.stats, new.stats, threshold)
     else:
-        parts = [t for t in (compare_timings(base, new, rule, raw, second_pass), compare_memory(base, new)) if len(t)]
+        parts = [t for t in (compare_timings(base, new, rule, raw, second_pass), compare_memory(base, new, rule)) if len(t)]
         table = pd.concat(parts) if parts else pd.DataFrame(columns=["kind", "verdict"])
     table.index.name = "benchmark"
     order = table["verdict"].map({decide.REGRESSION: 0, "missing in NEW": 1, decide.REMEASURE: 2,

@@ -151,7 +151,7 @@ def ratios(summary: pd.DataFrame, samples: pd.DataFrame, rule: decide.Rule | Non
     out["optparity_s"] = opt["median"].reindex(out.index)
     out["torch_s"] = ref["median"].reindex(out.index)
     out["p_slower"], out["slower"] = np.nan, False
-    if not quick:
+    if not quick and "block" in samples.columns:  # runs before interleaving have no pairs to test
         names = ["/".join(map(str, k)) for k in out.index]
         test = decide.slower_than_reference(
             {n: grp.to_numpy() for n, (_, grp) in zip(names, g)}, rule or decide.Rule())
@@ -226,8 +226,10 @@ def plot_latency(summary: pd.DataFrame, out_dir: Path) -> list[Path]:
             ax.set_yscale("log")
             ax.set_xticks(wl["numel"], [f"{w}\n{n / 1e6:.1f}M" for w, n in zip(wl["workload"], wl["numel"])], fontsize=7)
             ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-            for fmt in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
-                fmt(matplotlib.ticker.FormatStrFormatter("%g"))  # 20, 30 rather than 2x10^1
+            # labels at 1, 2, 5 x 10^k only: every minor tick labelled crowded 9 into 10
+            ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))  # 20 rather than 2x10^1
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_title(algo)
             ax.set_ylabel("ms per step")
         for ax in list(axes.flat)[len(algos):]:
@@ -374,7 +376,10 @@ def run_headline(rat: pd.DataFrame, quick: bool, rule: decide.Rule | None = None
                   f"{worst['ratio']:.3f}x (q1..q3 {worst['ratio_low']:.3f}..{worst['ratio_high']:.3f})")
     if quick:
         return (f"Quick run, indicative only: {len(rat)} optparity/torch pairs, highest median ratio {worst_text}. "
-                "A quick run's few short blocks support no claim beyond noise; measure without --quick.")
+                "A quick run's few short blocks cannot tell a slowdown from noise; measure without --quick.")
+    if rat["p_slower"].isna().all():
+        return (f"{len(rat)} optparity/torch pairs, not tested (no interleaved blocks, or too few of them); "
+                f"highest median ratio {worst_text}.")
     slow = rat[rat["slower"]].sort_values("ratio", ascending=False)
     if slow.empty:
         return (f"No optparity path slower than torch's by more than {rule.min_effect:.0%} "
@@ -440,6 +445,8 @@ def write_report(run_dir: Path, samples: pd.DataFrame, memory: pd.DataFrame | No
     first = samples[samples["pass"] == 0] if "pass" in samples.columns else samples
     summary = summarize(first)
     rat = ratios(summary, first, quick=quick)
+    counted = memory[memory["metric"] == "instructions_per_step"] if memory is not None else pd.DataFrame()
+    memory = memory[memory["metric"] != "instructions_per_step"] if memory is not None else None
     mem = memory_summary(memory) if memory is not None and not memory.empty else pd.DataFrame()
     copy_q = _copy_quartiles(first)
     if copy_q:
@@ -463,6 +470,9 @@ def write_report(run_dir: Path, samples: pd.DataFrame, memory: pd.DataFrame | No
     ]
     if not mem.empty:
         sections.append(("Memory (median)", memory_table(mem)))
+    if not counted.empty:
+        sections.append(("Instructions per step (callgrind)", counted[["benchmark", "bytes"]].rename(
+            columns={"bytes": "instructions"})))
     sections += [("Bytes moved per element per step (the roofline's numerator)", traffic),
                  ("Run", pd.DataFrame({"key": list(meta), "value": [str(v) for v in meta.values()]}))]
 
