@@ -30,14 +30,22 @@ HANGING = textwrap.dedent("""
             return super().step(closure)
 """)
 
-# torch's Adam, slowed down so that a run is still going when the test interrupts or kills it.
-SLOW = textwrap.dedent("""
-    import time
+# torch's Adam, whose foreach cases never finish: each marks that it is running (a file named after
+# its worker) and then waits for a file that never comes. The for-loop cases finish. A test that
+# waits for a marker and a partial report stops a run KNOWN to be in the middle, whatever the
+# machine's speed or load (no sleep decides it). The marker is written at the first step, before
+# the wait, so the case is running when the test sees it.
+BLOCKING = textwrap.dedent("""
+    import os, time
     import torch
 
     class Adam(torch.optim.Adam):
         def step(self, closure=None):
-            time.sleep(0.01)
+            if self.param_groups[0]["foreach"]:
+                here = os.environ["OPTPARITY_TEST_BLOCK_DIR"]
+                open(os.path.join(here, f"running.{os.getpid()}"), "w").close()
+                while not os.path.exists(os.path.join(here, "never")):
+                    time.sleep(0.01)
             return super().step(closure)
 """)
 
@@ -180,8 +188,28 @@ def test_unknown_level_is_a_usage_error():
 
 # --- the command: results as they come in, kill -9, Ctrl-C ------------------------------------
 
-SLOW_ARGS = ["--candidate", "slow:Adam", "--paths", "forloop,foreach", "--param-sets", "mixed,groups",
-             "--json", "r.json", "--junit", "r.xml"]
+BLOCKING_ARGS = ["--candidate", "blocking:Adam", "--paths", "forloop,foreach", "--param-sets", "mixed,groups",
+                 "--json", "r.json", "--junit", "r.xml"]
+
+
+def _start_blocking(tmp_path, **popen):
+    """The BLOCKING candidate's run with 2 workers, in tmp_path."""
+    _module(tmp_path, "blocking", BLOCKING)
+    cmd, kw = _cli(*BLOCKING_ARGS, "-n", "2", cwd=tmp_path, extra_path=tmp_path)
+    kw["env"]["OPTPARITY_TEST_BLOCK_DIR"] = str(tmp_path)
+    return subprocess.Popen(cmd, **kw, **popen)
+
+
+def _wait_until_blocked(tmp_path, proc, deadline_s=300):
+    """Wait until a case is running (its marker exists) and the report holds some results: the
+    run is then known to be unfinished. The deadline only bounds a broken run."""
+    doc = _wait_for_partial(tmp_path / "r.json", proc, deadline_s)
+    end = time.monotonic() + deadline_s
+    while not list(tmp_path.glob("running.*")):
+        assert proc.poll() is None, "the run ended before it could be stopped"
+        assert time.monotonic() < end, "no case started blocking"
+        time.sleep(0.05)
+    return doc
 
 
 def _wait_for_partial(path, proc, deadline_s=120):
@@ -198,12 +226,9 @@ def _wait_for_partial(path, proc, deadline_s=120):
 
 
 def test_kill_9_leaves_a_valid_partial_report(tmp_path):
-    _module(tmp_path, "slow", SLOW)
-    cmd, kw = _cli(*SLOW_ARGS, "-n", "2", cwd=tmp_path, extra_path=tmp_path)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
+    proc = _start_blocking(tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_for_partial(tmp_path / "r.json", proc)
-        time.sleep(1.5)  # let a rewrite or two happen, so the kill may land in the middle of one
+        _wait_until_blocked(tmp_path, proc)
         workers = [int(p) for p in open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()]
     finally:
         proc.send_signal(signal.SIGKILL)
@@ -225,12 +250,10 @@ def test_kill_9_leaves_a_valid_partial_report(tmp_path):
 @pytest.mark.parametrize("sig,code,said", [(signal.SIGINT, 130, "interrupted (Ctrl-C)"),
                                            (signal.SIGTERM, 143, "terminated (SIGTERM)")])
 def test_ctrl_c_gives_the_partial_summary_without_a_traceback(tmp_path, sig, code, said):
-    _module(tmp_path, "slow", SLOW)
-    cmd, kw = _cli(*SLOW_ARGS, "-n", "2", cwd=tmp_path, extra_path=tmp_path)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, **kw)
+    proc = _start_blocking(tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
     try:
-        _wait_for_partial(tmp_path / "r.json", proc)
+        _wait_until_blocked(tmp_path, proc)
         if sig == signal.SIGINT:
             os.killpg(proc.pid, sig)  # as a terminal's Ctrl-C does: the workers get it too
         else:
@@ -241,7 +264,7 @@ def test_ctrl_c_gives_the_partial_summary_without_a_traceback(tmp_path, sig, cod
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == code, out + err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
-    assert f"{said}: partial results" in out and "candidate: slow:Adam" in out
+    assert f"{said}: partial results" in out and "candidate: blocking:Adam" in out
     doc = json.loads((tmp_path / "r.json").read_text())
     assert doc["interrupted"] is True and doc["ok"] is False and 0 < doc["cases"] < doc["planned"]
     assert not list(tmp_path.glob(".r.json.partial"))

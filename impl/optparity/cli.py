@@ -14,6 +14,13 @@ from pathlib import Path
 from optparity.harness import matrix
 from optparity.harness.algorithms import ALGORITHMS
 from optparity.harness.levels import DTYPE_NAMES
+from optparity.versions import MIRRORS_TORCH
+
+
+def torch_version() -> str:
+    import torch
+
+    return torch.__version__
 
 
 
@@ -417,6 +424,13 @@ def _check_command(args) -> int:
         seconds = sum(r.seconds for r in reports)
         print(f"all: {len(reports)} candidates, {cases} cases, {sum(len(r.failed) for r in reports)} differ, "
               f"{seconds:.1f} s ({cases / max(seconds, 1e-9):.0f} cases/s)")
+    if len(reports) > 1:
+        from optparity.harness.report import version_drift_line
+
+        drifts = [line for r in reports if (line := version_drift_line(r))]
+        if drifts:
+            print(f"version drift: {len(drifts)} of optparity's implementations differ from torch "
+                  f"{torch_version()} (they mirror {MIRRORS_TORCH}):\n  " + "\n  ".join(drifts))
     if args.all and (covered := _covered_kernels()):
         print(f"{len(covered)} kernels not rerun, covered by their class's check (its kernel is the same "
               f"function): " + ", ".join(k.split(":")[1] for k, _ in covered))

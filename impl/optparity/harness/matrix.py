@@ -39,11 +39,18 @@ ROLLBACKS = ((0, 5), (3, 7))
 
 
 def configs(algo: str, device: str = "cpu") -> list[dict]:
-    """torch's own test configurations, then ours (harness/algorithms/<algo>.py); on CUDA also the
-    ones torch's tests run on CUDA only (the description's cuda_configs, after the rest: CPU indices unchanged)."""
+    """torch's own test configurations, then ours (harness/algorithms/<algo>.py), then those the
+    installed torch's tests add when it is not the mirrored release (harness/torch_tests.py); on
+    CUDA also the ones torch's tests run on CUDA only (the description's cuda_configs, after the
+    rest: CPU indices unchanged)."""
+    from optparity.harness.torch_tests import configs_added_by_installed_torch
+
     cfgs = spec(algo).configs()
+    # on a release optparity does not mirror, the installed torch's tests may add configurations
+    cfgs += configs_added_by_installed_torch(algo, "cpu", cfgs)
     if device_type(device) == "cuda":
         cfgs += [c for c in spec(algo).cuda_configs if not any(same_config(c, d) for d in cfgs)]
+        cfgs += configs_added_by_installed_torch(algo, "cuda", cfgs)
     return cfgs
 
 

@@ -15,6 +15,7 @@ from optparity.harness.check import CheckReport
 from optparity.harness.matrix import format_config
 from optparity.harness.bitwise import readable_rel, readable_ulp
 from optparity.harness.runner import Verdict
+from optparity import versions
 
 
 def _div(d):
@@ -71,7 +72,9 @@ def summary_table(report: CheckReport) -> pd.DataFrame:
         n = grouped["verdict"].agg(lambda s, v=verdict: int((s == v).sum()))
         if n.any():
             table[_COLUMNS[verdict]] = n
-    table["worst_ulp"] = grouped["worst_ulp"].agg(lambda s: readable_ulp(max(int(v) for v in s)))
+    worst = grouped["worst_ulp"].agg(lambda s: max(int(v) for v in s))
+    # numbers stay numbers (right-aligned) unless one is past 2^53, shown as "huge (>2^53)"
+    table["worst_ulp"] = worst.map(readable_ulp) if any(v > 2 ** 53 for v in worst) else worst
     fused = grouped["fused_vs_forloop_ulp"].max()
     if fused.notna().any():
         table["fused_vs_forloop_ulp"] = fused.map(lambda v: "" if pd.isna(v) else int(v))
@@ -111,8 +114,31 @@ def _across_devices(results) -> list[str]:
     return [line + (f"; {nan_inf} NaN/inf mismatches" if nan_inf else "")]
 
 
+def version_drift(report: CheckReport) -> bool:
+    """optparity's own implementation differs from a torch release it does not mirror: upstream's
+    math moved between releases (reported as version drift, still a failure: never a silent pass)."""
+    return (bool(report.failed) and versions.is_optparity_subject(report.candidate)
+            and not versions.mirrors_installed())
+
+
+def version_drift_line(report: CheckReport) -> str | None:
+    if not version_drift(report):
+        return None
+    first = report.failed[0]
+    return (f"VERSION DRIFT: {report.candidate} mirrors torch {versions.MIRRORS_TORCH}, this is torch "
+            f"{versions.torch.__version__}: {len(report.failed)} cases differ, first {verdict_line(first)}")
+
+
+def _configs_note() -> list[str]:
+    from optparity.harness.torch_tests import note
+
+    line = note()
+    return [line] if line else []
+
+
 def format_text(report: CheckReport) -> str:
-    lines = [f"candidate: {report.candidate}", f"reference: {report.reference}", *_mode(report), ""]
+    lines = [f"candidate: {report.candidate}", f"reference: {report.reference}",
+             f"compared against: {versions.compared_against()}", *_configs_note(), *_mode(report), ""]
     table = summary_table(report)
     lines.append(table.to_string() if not table.empty else "(no cases)")
     lines.append("")
@@ -157,6 +183,8 @@ def format_text(report: CheckReport) -> str:
             lines.append(f"  candidate={d.candidate!r} reference={d.reference!r} abs_err={d.abs_error:.6g} "
                          f"ulp={readable_ulp(d.ulp)} (worst over this case: {readable_ulp(first.worst_ulp)} ulp"
                          f"{_where(first.worst)})")
+        if (drift := version_drift_line(report)):
+            lines.append(drift)
     for verdict in (Verdict.NUMERICS_DIFFER, Verdict.API_DIFFERS, Verdict.ERROR_ONE_SIDE, Verdict.HUNG,
                     Verdict.SAME_ERROR):
         firsts = [r for r in results if r.verdict == verdict]
@@ -324,6 +352,7 @@ def _where(worst: dict | None) -> str:
 def report_doc(report: CheckReport) -> dict:
     return {
         "candidate": report.candidate, "reference": report.reference, "ok": report.ok,
+        "torch": versions.info(), "version_drift": version_drift(report),
         "cases": len(report.results), "failed": len(report.failed), "worst_ulp": report.worst_ulp,
         "counts": counts(report.results), "rejected_options": rejected_options(report.results),
         "planned": getattr(report, "planned", len(report.results)),
@@ -361,7 +390,9 @@ def write_json(reports: CheckReport | list[CheckReport], path: str | Path) -> No
     if isinstance(reports, CheckReport):
         text = json.dumps(report_doc(reports), indent=1, default=str)
     else:
-        totals = {"ok": all(r.ok for r in reports), "cases": sum(len(r.results) for r in reports),
+        totals = {"ok": all(r.ok for r in reports), "torch": versions.info(),
+                  "version_drift": [r.candidate for r in reports if version_drift(r)],
+                  "cases": sum(len(r.results) for r in reports),
                   "failed": sum(len(r.failed) for r in reports),
                   "counts": counts([x for r in reports for x in r.results])}
         parts = [_cached(r, "json", lambda r: json.dumps(report_doc(r), indent=1, default=str)) for r in reports]
@@ -390,6 +421,10 @@ def _junit_suite(report: CheckReport) -> ET.Element:
     suite = ET.Element("testsuite", name=f"optparity check {report.candidate}", tests=str(len(report.results)),
                        failures=str(len(report.failed)),
                        skipped=str(sum(r.status == "skip" for r in report.results)), time=f"{report.seconds:.3f}")
+    props = ET.SubElement(suite, "properties")
+    for key, value in versions.info().items():
+        ET.SubElement(props, "property", name=key, value=str(value))
+    ET.SubElement(props, "property", name="version_drift", value=str(version_drift(report)))
     for r in report.results:
         suite.append(junit_case(r, report.candidate))
     return suite
