@@ -16,7 +16,9 @@ from optparity.harness.check import UsageError, check, prepare
 from optparity.harness.mutants import by_name
 
 # A candidate that is torch's SGD except that its 3rd step hangs on the for-loop path: every
-# forloop case must come back "hung in step 3" and every foreach one bit-identical.
+# forloop case must come back "hung in step 3" and every foreach one bit-identical. The hang ends
+# (in an error, so a verdict other than "hung") only if nothing killed it for 10 minutes: a test
+# proves the kill by the verdict, not by how long the run took.
 HANGING = textwrap.dedent("""
     import time
     import torch
@@ -25,8 +27,10 @@ HANGING = textwrap.dedent("""
         def step(self, closure=None):
             self._calls = getattr(self, "_calls", 0) + 1
             if self._calls == 3 and self.param_groups[0]["foreach"] is False:
-                while True:
+                end = time.monotonic() + 600
+                while time.monotonic() < end:
                     time.sleep(0.05)
+                raise RuntimeError("the watchdog did not stop this hung step")
             return super().step(closure)
 """)
 
@@ -147,14 +151,13 @@ def test_hung_case_is_reported_with_its_step_and_the_run_goes_on():
     cases = [c for c in matrix.build_cases(["SGD"], ("forloop", "foreach"), (matrix.DTYPES[0],), ("mixed",))
              if c.config_index in (0, 1) and levels.axis_of(c) == "base"]
     assert [c.path for c in cases] == ["forloop", "foreach", "forloop", "foreach"]
-    start = time.monotonic()
     report = check(cls, "torch.optim:SGD", cases=cases, workers=2, timeout=3)
     verdicts = [(r.case.path, r.verdict) for r in report.results]
+    # "hung", not the error the step raises if left alone: the watchdog killed it
     assert verdicts == [("forloop", "hung"), ("foreach", "bit_identical")] * 2
     hung = report.results[0]
     assert hung.hung_step == 3 and "hung in step 3" in hung.message and hung.status == "fail"
     assert report.finished and not report.ok
-    assert time.monotonic() - start < 60  # killed after the timeout, not waited for
 
 
 def test_timeout_with_one_worker_still_runs_in_a_watched_process():
@@ -258,7 +261,7 @@ def test_ctrl_c_gives_the_partial_summary_without_a_traceback(tmp_path, sig, cod
             os.killpg(proc.pid, sig)  # as a terminal's Ctrl-C does: the workers get it too
         else:
             proc.send_signal(sig)  # as a CI runner's timeout does
-        out, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=600)  # a bound for a broken stop, not a speed claim
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

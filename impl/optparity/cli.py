@@ -466,7 +466,11 @@ def _run_selftest(args) -> int:
     from optparity.harness.check import check
     from optparity.harness.mutants import MUTANTS, by_name
 
-    mutants = [by_name(n) for n in args.mutant] if args.mutant else list(MUTANTS)
+    from optparity.harness.distributed import selftest as distributed
+
+    wanted_distributed = [n for n in args.mutant or () if n in distributed.names()]
+    mutants = ([by_name(n) for n in args.mutant if n not in wanted_distributed] if args.mutant
+               else list(MUTANTS))
     rows = []
     for m in mutants:
         report = check(m.build(), f"torch.optim:{m.algorithm}", algorithm=m.algorithm, fail_fast=True,
@@ -479,6 +483,8 @@ def _run_selftest(args) -> int:
                      "caught": first is not None and (exposed is None or exposed(first.case)),
                      "cases_until_caught": len(report.results),
                      "first_divergence": f"{first.case.id} {first.message}"[:110] if first else "-"})
+    if not args.mutant or wanted_distributed:  # planted distributed bugs, at the distributed quick level
+        rows += distributed.mutant_rows(wanted_distributed or None)
     table = pd.DataFrame(rows)
     print(table.to_string(index=False))
     per_axis = table.groupby("axis", sort=False)["caught"].agg(caught="sum", mutants="count")
@@ -490,6 +496,10 @@ def _run_selftest(args) -> int:
             if not report.ok:
                 alarms.append(f"{algo}: {report.first_failure.message}")
         print(f"\ntorch.optim against itself: {'no false alarm' if not alarms else 'FALSE ALARMS: ' + '; '.join(alarms)}")
+        torch_distributed = distributed.torch_alarms()
+        print("torch's distributed classes (ZeRO, PostLocalSGDOptimizer, averager): "
+              + ("no false alarm" if not torch_distributed else "FALSE ALARMS: " + "; ".join(torch_distributed)))
+        alarms += torch_distributed
     caught = int(table["caught"].sum())
     print(f"{caught}/{len(table)} mutants caught")
     return 0 if caught == len(table) and not alarms else 1
