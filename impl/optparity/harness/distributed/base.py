@@ -132,6 +132,8 @@ class Driver:
       reference_label(obj, algorithm)  what the report calls the reference
       algorithms(obj, requested, level)  the torch.optim algorithms to run it with
       variants(level)  kind-specific settings, one case each (default: one, empty)
+      conditions_for(obj)  the conditions this candidate supports (default: `conditions`)
+      ranks_agree / state_per_rank / takes_reference  (see the attributes below)
     Rank side (inside harness/ranks.py's long-lived ranks):
       local_grads    False: every rank gets the same averaged global gradient (zero, fsdp, adapter);
                      True: each rank its own local gradient (local-sgd)
@@ -144,6 +146,13 @@ class Driver:
     kind: str = ""
     conditions: tuple[str, ...] = ("steps",)
     local_grads: bool = False
+    # every rank holds the same full parameters after a step (compared rank against rank); False
+    # for local-sgd, whose ranks drift apart between averagings
+    ranks_agree: bool = True
+    # full_state_dict() is each rank's own state (local-sgd), not one consolidated copy: a reload
+    # loads each rank's own, and the parameters are not restored from the saving ranks
+    state_per_rank: bool = False
+    takes_reference: bool = False  # --reference names what to compare with (fsdp)
     # what a reference built per rank compares against: "unsharded" (one process, torch.optim) or
     # "same ranks" (torch's own class run in the same ranks, e.g. PostLocalSGDOptimizer)
     reference_kind: str = "unsharded"
@@ -154,6 +163,10 @@ class Driver:
     def validate(self, obj: Any) -> None:
         if not inspect.isclass(obj):
             raise ValueError(f"expected a class, got {type(obj).__name__}")
+
+    def conditions_for(self, obj: Any) -> tuple[str, ...]:
+        """The conditions `obj` can run under (default: all of the kind's)."""
+        return self.conditions
 
     def reference_label(self, obj: Any, algorithm: str) -> str:
         return f"torch.optim:{algorithm} (one process, averaged gradients)"

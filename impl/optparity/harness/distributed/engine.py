@@ -147,7 +147,7 @@ def prepare(candidate: Any, reference: Any = None, *, kind: str | None = None, w
     cases = []
     for algo in algos:
         cases += dmatrix.build_cases(drv, algo, level, sizes, backend, dtypes=dtypes, paths=paths,
-                                     param_sets=param_sets, steps=steps)
+                                     param_sets=param_sets, steps=steps, conditions=drv.conditions_for(obj))
     if case_filter:
         cases = [c for c in cases if matches_filter(c.id, case_filter)]
         if not cases:
@@ -169,6 +169,15 @@ def _first(divs):
     return min(divs, key=lambda d: (d.step, _WHERE_ORDER.get(d.where, 9), d.rank or 0), default=None)
 
 
+def _waited_on_peer(tb: str) -> bool:
+    """An error a rank meets in a collective because a peer is gone or stuck (Gloo: "Application
+    timeout caused pair closure", "Connection closed by peer", ...)."""
+    if not tb:
+        return False
+    last = tb.strip().splitlines()[-1].lower()
+    return _is_collective_failure(tb) or "timeout" in last or "pair closure" in last
+
+
 def merge(case: DistCase, outcomes: list[RankOutcome], options: RunOptions) -> CaseResult:
     """The ranks' outcomes as one CaseResult, classified by runner's own rules."""
     result = CaseResult(case, numerics_only=options.numerics_only, max_ulp=options.max_ulp)
@@ -183,8 +192,9 @@ def merge(case: DistCase, outcomes: list[RankOutcome], options: RunOptions) -> C
     merged.first_numeric = _first(t.first_numeric for t in trackers)
     merged.first_api = _first(t.first_api for t in trackers)
     # the error to show: one a rank raised itself, before one its peers met in a collective
-    erring = [t for t in trackers if t.error is not None]
-    own = [t for t in erring if not (t.traceback and _is_collective_failure(t.traceback))]
+    erring = [o.tracker for o in outcomes if o.tracker.error is not None]
+    own = [o.tracker for o in outcomes if o.tracker.error is not None and not o.peer_failure
+           and not _waited_on_peer(o.tracker.traceback)]
     chosen = min(own or erring, key=lambda t: (t.error.step, t.error.rank or 0), default=None)
     if chosen is not None:
         merged.error, merged.traceback = chosen.error, chosen.traceback
@@ -217,6 +227,25 @@ def _failed(case: DistCase, error: RankError, seconds: float) -> CaseResult:
     return result
 
 
+def _start_method(backend: str) -> str:
+    """"fork" when it is safe (ranks then start in a fraction of a second, with torch, the kinds and
+    torch.optim's lazily imported torch._dynamo already loaded), else "spawn"."""
+    import importlib
+    import multiprocessing
+
+    from optparity.harness.check import _forked_openmp_works
+
+    if (backend != "gloo" or "fork" not in multiprocessing.get_all_start_methods() or torch.cuda.is_initialized()
+            or not _forked_openmp_works()):
+        return "spawn"
+    importlib.import_module("torch._dynamo")  # torch.optim imports it at its first step: once here, not per rank
+
+    from optparity.harness.distributed.registry import drivers
+
+    drivers()
+    return "fork"
+
+
 class Pools:
     """Long-lived ranks per world size, started on first use and replaced after a failure."""
 
@@ -233,7 +262,8 @@ class Pools:
         pool = self._pools.get(world_size)
         if pool is None or not pool.alive:
             pool = self._pools[world_size] = RankPool(world_size, self.backend, timeout=self.timeout,
-                                                      collective_timeout=max(5.0, min(30.0, self.timeout / 3)))
+                                                      collective_timeout=max(5.0, min(30.0, self.timeout / 3)),
+                                                      start_method=_start_method(self.backend))
         return pool
 
     def drop(self, world_size: int) -> None:

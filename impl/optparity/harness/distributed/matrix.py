@@ -41,8 +41,9 @@ def _takes_groups(algo: str) -> bool:
 
 
 def build_cases(driver, algo: str, level: str, world_sizes, backend: str, *, dtypes=None, paths=None,
-                param_sets=None, steps: int | None = None) -> list[DistCase]:
-    """The cases of `algo` under `driver` at `level` (see the module docstring)."""
+                param_sets=None, steps: int | None = None, conditions=None) -> list[DistCase]:
+    """The cases of `algo` under `driver` at `level` (see the module docstring); `conditions`: the
+    candidate's (Driver.conditions_for), default the kind's."""
     if spec(algo).kind == "closure":
         return []  # a step of a closure optimizer is a whole inner optimisation: not a sharding matter
     cfgs = matrix.configs(algo)
@@ -50,7 +51,7 @@ def build_cases(driver, algo: str, level: str, world_sizes, backend: str, *, dty
     rep = [i for i in matrix.representative(algo) if i in usable] or usable[:1]
     rows = []  # (condition, config indices, paths, dtypes)
     f32, f64 = (torch.float32,), (torch.float64,)
-    for condition in driver.conditions:
+    for condition in (conditions or driver.conditions):
         if condition == "steps":
             rows.append((condition, rep, ("default",), f32))
             if level != "quick":

@@ -26,7 +26,7 @@ from optparity.harness.bitwise import compare
 from optparity.harness.candidates import NotApplicable, load_object
 from optparity.harness.distributed.base import ADD_AT, LR_AT, RELOAD_AT, RELOADS, DistCase, RankContext
 from optparity.harness.params import make_grads, make_params, to_device
-from optparity.harness.runner import RunOptions, _compare_param_groups, _compare_value, _Tracker
+from optparity.harness.runner import Divergence, RunOptions, _compare_param_groups, _compare_value, _Tracker
 
 # state_dict comparisons at these steps (and at the last one)
 STATE_STEPS = (1, RELOAD_AT)
@@ -42,6 +42,7 @@ class RankOutcome:
     steps_run: int = 0
     not_applicable: tuple[str, tuple] | None = None  # (message, rejected options)
     uneven_error: bool = False  # some ranks raised and others did not: the process group may be unusable
+    peer_failure: bool = False  # this rank's error is a collective that failed because a peer failed first
     seconds: float = 0.0
 
 
@@ -139,6 +140,8 @@ class _Run:
     def agree(self, step: int, e_cand, e_ref) -> bool:
         """Record this rank's errors; True (on every rank) when any rank had one."""
         na = next((e for e in (e_cand, e_ref) if isinstance(e, NotApplicable)), None)
+        if na is None and (e_cand is not None or e_ref is not None):
+            self.tracker.errors(step, e_cand, e_ref)  # before the collective: it may fail if a peer is stuck
         flags = [None] * self.world_size
         dist.all_gather_object(flags, (e_cand is not None, e_ref is not None,
                                        None if na is None else (str(na), tuple(na.options))))
@@ -146,8 +149,6 @@ class _Run:
         if refused is not None:  # the case cannot be expressed: not applicable on every rank
             self.outcome.not_applicable = refused
             return True
-        if e_cand is not None or e_ref is not None:
-            self.tracker.errors(step, e_cand, e_ref)
         erred = [bool(c or r) for c, r, _ in flags]
         if any(erred) and not all(erred):
             self.outcome.uneven_error = True
@@ -201,7 +202,8 @@ class _Run:
                 return
             self.outcome.steps_run = step
             self.compare_params(step, cand, ref, names)
-            self.compare_ranks(step, cand, names)
+            if self.driver.ranks_agree:
+                self.compare_ranks(step, cand, names)
             if step in STATE_STEPS or step == case.steps:
                 if self.compare_state(step, cand, ref, names):
                     return
@@ -269,12 +271,13 @@ class _Run:
         sd, e_c = _attempt(cand.full_state_dict) if cand is not None else (None, None)
         if self.agree(step, e_c, None):
             return False
-        sd = self.share(sd)
-        # the model checkpoint: every rank restarts from the parameters the saving ranks hold
-        saved = self.share(None if cand is None else [p.detach().cpu() for p in cand.full_params()])
-        with torch.no_grad():
-            for p, q in zip(_flat(_groups(pset_c)), saved or ()):
-                p.copy_(q)
+        if not self.driver.state_per_rank:
+            sd = self.share(sd)
+            # the model checkpoint: every rank restarts from the parameters the saving ranks hold
+            saved = self.share(None if cand is None else [p.detach().cpu() for p in cand.full_params()])
+            with torch.no_grad():
+                for p, q in zip(_flat(_groups(pset_c)), saved or ()):
+                    p.copy_(q)
         if sd is None:
             if self.rank == 0:
                 self.tracker.record(step, "state_dict", None, None, None, "no rank returned a state_dict to reload")
@@ -313,6 +316,30 @@ def compare_state_dicts(tracker: _Tracker, step: int, sd_c: dict, sd_r: dict, na
                 tracker.record(step, "state", name, key, diff)
     if "param_groups" in sd_c and "param_groups" in sd_r:
         _compare_param_groups(tracker, step, sd_c, sd_r)
+    others_c, others_r = set(sd_c) - {"state", "param_groups"}, set(sd_r) - {"state", "param_groups"}
+    if others_c != others_r:
+        tracker.record(step, "state_dict", None, None, None,
+                       f"state_dict keys differ: candidate {sorted(map(str, sd_c))}, reference {sorted(map(str, sd_r))}")
+    for key in sorted(others_c & others_r, key=str):  # e.g. PostLocalSGDOptimizer's averager "step"
+        diff = _compare_value(sd_c[key], sd_r[key])
+        if diff is not None:
+            tracker.record(step, "state_dict", None, key, diff if diff.numeric else None,
+                           f"state_dict[{key!r}]: candidate {sd_c[key]!r}, reference {sd_r[key]!r}")
+
+
+def _peer_failed(run: _Run, e: BaseException) -> None:
+    """Return normally (the pool then hears from every rank that can still answer, and the rank
+    that failed first is named by its own error), marking this rank's error as a peer's doing."""
+    tr = run.tracker
+    run.outcome.uneven_error = True
+    if tr.error is None:
+        run.outcome.peer_failure = True
+        step = run.outcome.steps_run + 1
+        tr.error = Divergence(step, "error", None, None, None,
+                              f"a collective with the other ranks failed ({type(e).__name__}: {str(e)[:200]}): "
+                              f"another rank failed first")
+        tr.error_one_side = True
+        tr.traceback = traceback.format_exc()[-6000:]
 
 
 def run_on_rank(rank: int, world_size: int, kind: str, candidate: Any, case: DistCase, options: dict,
@@ -328,6 +355,8 @@ def run_on_rank(rank: int, world_size: int, kind: str, candidate: Any, case: Dis
         run.run()
     except NotApplicable as e:
         run.outcome.not_applicable = (str(e), tuple(e.options))
+    except Exception as e:  # noqa: BLE001 - the harness's own collective failed: a peer went wrong first
+        _peer_failed(run, e)
     tr = run.tracker
     for div in (tr.first_numeric, tr.first_api, tr.error):
         if div is not None:
