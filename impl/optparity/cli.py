@@ -106,6 +106,28 @@ def _seconds(text: str) -> float:
     return value
 
 
+_COLUMNS_HELP = """summary columns (one row per algorithm, path, dtype; counts of cases):
+  cases        cases run
+  identical    bit-identical: every parameter and state tensor has torch's bits after every step
+  tolerated    within --max-ulp (tolerance mode only)
+  numerics     numbers differ; the summary says whether as rounding does ("rounding-level": the
+               candidate is within 4x torch's own error against a float64 shadow of torch's
+               reference) or not ("different math")
+  api          only API/layout differs (state keys, param-group keys, state_dict layout); numbers match
+  n/a          not applicable: the candidate does not take an option of the case (named below)
+  same_error   both sides raised the same error (torch's contract; proves no numbers)
+  error        one side raised, or the two raised different errors
+  hung         no result within --timeout
+  measured     across devices: distance measured, not claimed zero (--reference-device)
+  worst_ulp    largest distance in units in the last place between candidate and torch over every
+               tensor and step ("huge (>2^53)": a sign flip or a value near zero; exact in --json)
+  fused_vs_forloop_ulp
+               fused cases only, informational: the candidate's largest ULP distance from torch's
+               for-loop path on the same case (torch's fused kernels are not bit-equal to its
+               for-loop path by design; huge on gapped views, where torch's fused CPU kernel is wrong)
+then "by cause" names what the failing cases share (an option, parameter set, dtype or path)."""
+
+
 def _add_check(sub) -> None:
     from optparity.harness.check import DEFAULT_TIMEOUT, default_workers
     from optparity.harness.levels import LEVELS
@@ -122,6 +144,7 @@ def _add_check(sub) -> None:
                  "capturable configurations); ids of cases off the CPU end in @DEVICE. --reference-device DEV "
                  "runs the reference elsewhere: such cases are not claimed bit-identical, their distance (max ULP, "
                  "abs and rel error, measured on the CPU) is reported as 'measured across devices'."
+               + "\n\n" + _COLUMNS_HELP
                + "\n\nexit codes: 0 every case bit-identical (or, with --reference-device, measured across devices: "
                  "a distance fails only beyond --max-ulp, a NaN/inf mismatch only when --max-ulp is given); 1 a case "
                  "differs, hung or crashed; 2 usage, import or output-path error, or a device this machine lacks "
@@ -364,6 +387,8 @@ def _check_command(args) -> int:
             report = plan.new_report()
             reports.append(report)
             progress = _Progress(plan.candidate.label, len(plan.cases), args.quiet)
+            for note in getattr(plan, "notes", ()):
+                print(f"{plan.candidate.label}: {note}")
 
             def on_result(result, _progress=progress):
                 _progress(result)
@@ -409,7 +434,16 @@ def _check_command(args) -> int:
     if args.all and (covered := _covered_kernels()):
         print(f"{len(covered)} kernels not rerun, covered by their class's check (its kernel is the same "
               f"function): " + ", ".join(k.split(":")[1] for k, _ in covered))
-    return 0 if all(r.ok for r in reports) else 1
+    from optparity.harness.report import exit_reason
+
+    code = 0 if all(r.ok for r in reports) else 1
+    reasons = [exit_reason(r) for r in reports]
+    if len(reports) == 1:
+        print(reasons[0])
+    else:
+        failing = [f"{r.candidate}: {why}" for r, why in zip(reports, reasons) if not r.ok]
+        print(f"exit {code}: " + ("every candidate's cases match" if not failing else "; ".join(failing)))
+    return code
 
 
 def _add_selftest(sub) -> None:
@@ -486,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # `--candidate myopt:MyAdamW` from the folder holding myopt.py, as `python -m` would import it
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     return args.func(args)
 
 

@@ -11,6 +11,7 @@ import collections
 import dataclasses
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import threading
@@ -91,6 +92,7 @@ class Plan:
     reference: Subject
     cases: list[matrix.Case]
     run_options: dict = field(default_factory=dict)  # keyword arguments for runner.run_case
+    notes: list = field(default_factory=list)  # what prepare() changed (configurations --hyper made the same)
 
     def new_report(self) -> CheckReport:
         return CheckReport(self.candidate.label, self.reference.label, planned=len(self.cases))
@@ -193,6 +195,9 @@ def prepare(candidate: Any, reference: Any = None, *, algorithm: str | None = No
                               device=on, reference_device=ref_on)
     elif device is not None or ref_on is not None:
         cases = [dataclasses.replace(c, device=on, reference_device=ref_on) for c in cases]  # seeds kept
+    notes = []
+    if run_options.get("hyper"):
+        cases, notes = pinned(cases, run_options["hyper"])
     if case_filter:
         cases = [c for c in cases if runner.matches_filter(c.id, case_filter)]
         if not cases:
@@ -201,7 +206,26 @@ def prepare(candidate: Any, reference: Any = None, *, algorithm: str | None = No
         raise NoCases(_no_cases(algo, paths, dtypes, param_sets, (on,) if ref_on is None else (on, ref_on)))
     for where in sorted({d for c in cases for d in (c.device, c.reference_device) if d not in (None, "cpu", on)}):
         resolve_device("case device", where)  # cases given with a device of their own
-    return Plan(cand, ref, list(cases), run_options)
+    return Plan(cand, ref, list(cases), run_options, notes)
+
+
+def pinned(cases: list, hyper: dict) -> tuple[list, list[str]]:
+    """The cases with --hyper's values in their configurations (so ids say what runs; seeds kept),
+    and the configurations it makes identical dropped, said so in the returned notes."""
+    out, seen, dropped = [], {}, collections.Counter()
+    for case in cases:
+        config = {**case.config, **hyper}
+        moved = dataclasses.replace(case, config=config, second_group=dict(case.second_group))
+        moved.seed = case.seed
+        key = re.sub(r"/c\d+\[", "/c[", moved.id)
+        if key in seen:
+            dropped[(seen[key], case.config_index)] += 1
+            continue
+        seen[key] = case.config_index
+        out.append(moved)
+    notes = [f"--hyper {', '.join(f'{k}={v!r}' for k, v in hyper.items())} makes configuration c{b} the same as "
+             f"c{a}: its {n} cases not run twice" for (a, b), n in sorted(dropped.items())]
+    return out, notes
 
 
 def _check_run_options(run_options: dict) -> None:

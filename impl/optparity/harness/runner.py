@@ -146,6 +146,7 @@ class CaseResult:
     fused_vs_forloop_ulp: int | None = None  # measured, informational: the candidate against torch's for-loop path
     shadow: dict | None = None  # numerics_differ: the shadow verdict the math rests on (harness/shadow.py)
     reference_suspect: str = ""  # torch's path is known wrong or nondeterministic here (shadow.suspect_note)
+    layout: str = ""  # the two state dicts' layouts differ (what each lacks); then each side reloaded its own
     message: str = ""
     seconds: float = 0.0
 
@@ -218,11 +219,14 @@ class _Tracker:
         self.nan = self.inf = 0
         self.per_step: dict[int, dict] = {}
         self.numeric_where: set[str] = set()  # where numeric differences were seen ("param", "state", ...)
+        self.layout = ""  # the state-dict layout finding (runner.layout_difference), if any
 
     def record(self, step, where, param, key, diff: Difference | None = None, message: str = ""):
         div = Divergence(step, where, param, key, diff, message or (diff.describe() if diff else ""))
         if not div.numeric:
             self.first_api = self.first_api or div
+            if where == "state_dict" and key == "layout":
+                self.layout = self.layout or message
             return
         self.first_numeric = self.first_numeric or div
         self.numeric_where.add(where)
@@ -580,6 +584,7 @@ def _classify(result: CaseResult, tracker: _Tracker, options: RunOptions) -> Non
     result.worst_ulp, result.worst = tracker.worst_ulp, tracker.worst
     result.max_abs_error, result.max_rel_error = tracker.max_abs, tracker.max_rel
     result.nan_mismatches, result.inf_mismatches = tracker.nan, tracker.inf
+    result.layout = tracker.layout
     if tracker.first_numeric is not None:
         result.per_step = [{"step": s, **tracker.per_step.get(s, _EMPTY_STEP)} for s in range(1, result.steps_run + 1)]
         result.math = math_verdict(result.per_step, options.rounding_ulp)
@@ -605,7 +610,8 @@ def _classify(result: CaseResult, tracker: _Tracker, options: RunOptions) -> Non
     if result.divergence is not None:
         result.message = result.divergence.describe()
     if result.verdict in (Verdict.NUMERICS_DIFFER, Verdict.WITHIN_TOLERANCE):
-        result.message += f" [{result.math}: max {result.worst_ulp} ulp, max rel err {result.max_rel_error:.3g}]"
+        result.message += (f" [{result.math}: max {bitwise.readable_ulp(result.worst_ulp)} ulp, "
+                           f"max rel err {bitwise.readable_rel(result.max_rel_error)}]")
     if across and result.verdict in (Verdict.MEASURED_ACROSS_DEVICES, Verdict.API_DIFFERS):
         distance = _distance_across_devices(result)
         result.message = distance + (f"; first difference: {result.message}" if result.message else "")
@@ -615,6 +621,8 @@ def _classify(result: CaseResult, tracker: _Tracker, options: RunOptions) -> Non
             result.message += f" (the candidate is {result.fused_vs_forloop_ulp} ulp from torch's for-loop path)"
     if tracker.first_api is not None and result.verdict != Verdict.API_DIFFERS:
         result.message += f"; also API/layout: {tracker.first_api.describe()}"
+    if tracker.layout and tracker.layout not in result.message:
+        result.message += f"; {tracker.layout}"
 
 
 def _over_max_ulp(tracker: _Tracker, limit: int | None) -> bool:
@@ -664,14 +672,49 @@ def _reload(tracker: _Tracker, step: int, cand, ref, cross: bool) -> None:
         _same_error(tracker, step, sd_c[1], sd_r[1])
         return
     _compare_param_groups(tracker, step, sd_c[0], sd_r[0])
+    layout = layout_difference(sd_c[0], sd_r[0]) if cross else ""
+    if layout:
+        # Each other's state dicts cannot mean the same: a layout finding, and each side goes on
+        # from its own state, so the numbers are still compared.
+        tracker.record(step, "state_dict", None, "layout", None,
+                       f"state-dict layouts differ ({layout}): each side reloaded its own state instead of the other's")
+        cross = False
     load_c, load_r = (sd_r[0], sd_c[0]) if cross else (sd_c[0], sd_r[0])
     _, e_c = _attempt(lambda: cand.reload(load_c))
     _, e_r = _attempt(lambda: ref.reload(load_r))
     if e_c or e_r:
-        what = "the reference's state_dict into the candidate" if cross else "its own state_dict"
+        what = "each other's state_dict" if cross else "its own state_dict"
         tracker.record(step, "state_dict", None, None, None,
                        f"loading {what} failed: candidate: {_error_text(e_c) if e_c else 'ok'} | "
                        f"reference: {_error_text(e_r) if e_r else 'ok'}")
+        if cross:  # go on from each side's own state: the numbers are still compared
+            sd_c, sd_r = _attempt(cand.state_dict), _attempt(ref.state_dict)
+            for driver, (own, e) in ((cand, sd_c), (ref, sd_r)):
+                if e is None:
+                    _attempt(lambda: driver.reload(own))
+
+
+def layout_difference(sd_c: dict, sd_r: dict) -> str:
+    """What one state dict's layout has that the other's lacks, in words ("" when the same):
+    param_groups keys, and per-parameter state keys (over every group and parameter)."""
+    def group_keys(sd):
+        return {k for g in sd.get("param_groups", ()) for k in g if k != "params"}
+
+    def state_keys(sd):
+        return {k for st in sd.get("state", {}).values() if isinstance(st, dict) for k in st}
+
+    parts = []
+    for what, keys in (("param_groups", group_keys), ("state", state_keys)):
+        kc, kr = keys(sd_c), keys(sd_r)
+        if kr - kc:
+            parts.append(f"the candidate's state dict lacks {_quoted(kr - kc)} in {what}")
+        if kc - kr:
+            parts.append(f"the reference's lacks {_quoted(kc - kr)} in {what}")
+    return "; ".join(parts)
+
+
+def _quoted(keys) -> str:
+    return ", ".join(repr(k) for k in sorted(keys, key=str))
 
 
 def _rollback(tracker: _Tracker, step: int, cand, ref, saved: dict) -> None:
