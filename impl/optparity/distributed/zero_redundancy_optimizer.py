@@ -12,7 +12,7 @@ The DDP integration (``overlap_with_ddp=True``) lives at the bottom of this modu
 ``hook_with_zero_step`` and ``hook_with_zero_step_interleaved`` wrap a DDP communication hook so
 the sharded step runs inside the backward pass. Like torch, they refuse the Gloo backend.
 
-Where this module departs from torch (never in the numbers produced):
+Where this module departs from torch (numbers differ only in the rollback case of the second point):
   * ``load_state_dict`` leaves the caller's dict untouched and gives the local optimizer its own
     copies of the state tensors (torch writes ``None`` into the caller's dict and lets the local
     optimizer step the caller's tensors in place);
