@@ -253,8 +253,11 @@ def test_kill_9_leaves_a_valid_partial_report(tmp_path):
 @pytest.mark.parametrize("sig,code,said", [(signal.SIGINT, 130, "interrupted (Ctrl-C)"),
                                            (signal.SIGTERM, 143, "terminated (SIGTERM)")])
 def test_ctrl_c_gives_the_partial_summary_without_a_traceback(tmp_path, sig, code, said):
+    # SIGINT at its default in the child: a process started in the background by a non-interactive
+    # shell (a CI runner, `cmd &`) inherits SIGINT ignored, and Python then installs no Ctrl-C handler
     proc = _start_blocking(tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           start_new_session=True)
+                           start_new_session=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         _wait_until_blocked(tmp_path, proc)
         if sig == signal.SIGINT:

@@ -184,3 +184,13 @@ def test_muon_adjust_lr_fns_follow_the_installed_torch():
         outcomes = [_outcome(lambda cls=cls: cls([torch.zeros(3, 2, requires_grad=True)], adjust_lr_fn=fn))
                     for cls in (optparity.optim.Muon, torch.optim.Muon)]
         assert outcomes[0] == outcomes[1], fn
+
+
+def test_the_command_says_its_version_and_the_torch_it_checks_against(capsys):
+    from optparity.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"optparity {optparity.__version__}; checks against torch {torch.__version__} (installed)")

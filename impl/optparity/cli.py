@@ -507,6 +507,11 @@ def _run_selftest(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="optparity", description="optimizers proven bit for bit against torch.optim")
+    from optparity import __version__
+    from optparity.versions import compared_against
+
+    parser.add_argument("--version", action="version",
+                        version=f"optparity {__version__}; checks against {compared_against()}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_check(sub)
     _add_selftest(sub)
