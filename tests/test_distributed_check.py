@@ -230,3 +230,12 @@ def test_torchrun_runs_the_same_check(tmp_path):
     assert out.stdout.count("FIRST DIVERGENCE") == 0 and out.stdout.count("candidate: ") == 1  # rank 0 reports
     doc = json.loads((tmp_path / "r.json").read_text())
     assert doc["ok"] and {r["world_size"] for r in doc["results"]} == {2} and len(doc["results"]) == 2
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2 or not torch.distributed.is_nccl_available(),
+                    reason="NCCL needs one CUDA device per rank: this machine has "
+                           f"{torch.cuda.device_count()} CUDA device(s)")
+def test_nccl_backend_same_check():
+    report = check(TORCH_ZERO, kind="zero", world_sizes=[2], backend="nccl", algorithm="Adam", level="quick",
+                   case_filter=C0)
+    assert report.ok and all(r.case.backend == "nccl" for r in report.results), report.first_failure

@@ -257,6 +257,10 @@ class Pools:
     def get(self, world_size: int):
         if under_torchrun():
             if self._job is None:
+                if not dist.is_initialized():  # the job's group, on the backend asked for
+                    if self.backend == "nccl":
+                        torch.cuda.set_device(int(__import__("os").environ["LOCAL_RANK"]))
+                    dist.init_process_group(self.backend)
                 self._job = InProcessRanks()
             return self._job
         pool = self._pools.get(world_size)

@@ -62,8 +62,12 @@ def subgroup(ranks: tuple[int, ...], world_size: int):
 
 
 def device_of(rank: int, backend: str) -> str:
+    """Where a rank's tensors live: its own GPU under NCCL (torchrun: LOCAL_RANK), else the CPU."""
     if backend == "nccl":
-        return f"cuda:{rank % torch.cuda.device_count()}"
+        import os
+
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        return f"cuda:{local % torch.cuda.device_count()}"
     return "cpu"
 
 
