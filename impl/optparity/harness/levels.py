@@ -118,7 +118,7 @@ def select(name: str, algorithm: str, *, paths=None, dtypes=None, param_sets=Non
             param_sets = tuple("mixed" if p == "groups" else p for p in param_sets)
     cases = matrix.build_cases([algorithm], tuple(paths or matrix.PATHS), tuple(dtypes),
                                tuple(param_sets), steps, device=device,
-                               reference_device=reference_device)
+                               reference_device=reference_device, triples=lv.name == "full")
     kept = {id(c) for c in lv.edge([c for c in cases if axis_of(c) != "base"])}
     cases = [c for c in cases if axis_of(c) == "base" or id(c) in kept]
     if complex_widths:

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from optparity.harness import algorithms, bitwise, conditions, objectives, observers, schedulers
+from optparity.harness import algorithms, amp, bitwise, conditions, objectives, observers, schedulers
 from optparity.harness.bitwise import Difference, compare, max_ulp
 from optparity.harness.candidates import (NotApplicable, algorithm_of, kind_of, load_object, make_driver,
                                           options_not_accepted)
@@ -426,6 +426,7 @@ def _run(case: Case, candidate: Subject, reference: Subject, result: CaseResult,
     # lr changes and closure losses only make sense between torch.optim-style optimizers.
     drivers = [d for d in (cand, ref, forloop) if d is not None]
     param_groups = all(getattr(d, "supports_param_groups", False) for d in drivers)
+    amp.attach(case, *drivers)  # the AMP recipes' second optimizer (harness/amp.py)
     step = 0
     while not stop and step < case.steps:
         step += 1
@@ -443,6 +444,7 @@ def _run(case: Case, candidate: Subject, reference: Subject, result: CaseResult,
         calls = objectives.closure_calls_differ(cand, ref)
         if calls:
             tracker.record(step, "closure", None, None, None, calls)
+        amp.check_skipped(tracker, step, cand, names)  # a step GradScaler skipped left all as it was
         _compare_drivers(tracker, step, cand, ref, names)
         if scheduled:
             _compare_param_groups(tracker, step, *schedulers.live_param_groups(cand, ref))
@@ -455,7 +457,8 @@ def _run(case: Case, candidate: Subject, reference: Subject, result: CaseResult,
                 ulps = max_ulp(pc, pf)
                 if ulps is not None:
                     result.fused_vs_forloop_ulp = max(result.fused_vs_forloop_ulp, ulps)
-        if reloadable and step == RELOAD_OWN:
+        if reloadable and (step == RELOAD_OWN or (getattr(case, "reload", "standard") == "every_step"
+                                                  and step != CROSS_LOAD)):
             _reload(tracker, step, cand, ref, cross=False)
         if reloadable and step == CROSS_LOAD:
             # Loading each other's state_dict is a layout check: skipped when only numbers count.
