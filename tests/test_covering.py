@@ -166,3 +166,15 @@ def test_interaction_mutant_needs_every_condition(mutant):
 def test_new_conditions_are_described():
     assert set(covering.factors("Adam")) == set(covering._ORDER)
     assert spec("SGD").sparse_grads and "sparse" in covering.factors("SGD")["grads"]
+
+
+@pytest.mark.skipif(levels.suite_level() != "full", reason="every covering case of every algorithm: "
+                    "OPTPARITY_TEST_LEVEL=full (about a minute of CPU)")
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_torch_against_itself_over_every_covering_case(algo):
+    """No false alarm, and no combination left in that only errors (the constraints are complete)."""
+    cases = [c for c in levels.select("default", algo) if c.axis == "covering"]
+    report = check(f"torch.optim:{algo}", f"torch.optim:{algo}", algorithm=algo, cases=cases)
+    assert report.ok, report.first_failure.message
+    errors = [r.case.id for r in report.results if r.verdict != "bit_identical"]
+    assert not errors, errors[:3]

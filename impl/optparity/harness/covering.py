@@ -132,8 +132,8 @@ CONSTRAINTS = (
                "options (SGD's momentum or weight_decay: add(sparse, dense); Adagrad's weight_decay), in the "
                "configuration or the second group's overrides, found by trying it (torch_refuses)",
                lambda a, r: _has(r, grads="sparse") and spec(a).kind != "sparse" and _refused(a, r, sparse=True)),
-    Constraint("complex x path", "a path of torch's whose kernel has no complex version (fused SGD: "
-               "fused_sgd_kernel not implemented for ComplexFloat), found by trying it (torch_refuses)",
+    Constraint("complex x path", "a path of torch's that takes no complex parameters (every fused one: "
+               "fused=True requires all the params to be floating point), found by trying it (torch_refuses)",
                lambda a, r: _has(r, elements="complex") and "path" in r and _refused(a, r, complex_=True)),
     Constraint("layouts x class", "a class that flattens every gradient with .view(-1) (LBFGS) raises on a "
                "transposed or channels_last parameter, found by trying it (torch_refuses)",
@@ -146,6 +146,10 @@ CONSTRAINTS = (
                "torch.autocast(bfloat16): float16 parameters make autocast raise (Unexpected floating "
                "ScalarType in at::autocast::prioritize)",
                lambda a, r: spec(a).kind == "closure" and _has(r, dtype=torch.float16, amp="bf16_autocast")),
+    Constraint("float16 x degenerate shapes x closure-only class", "LBFGS's line search over the degenerate "
+               "set's 12,000 float16 elements overflows float16 (value cannot be converted to type c10::Half "
+               "without overflow): torch raises within a few steps",
+               lambda a, r: spec(a).kind == "closure" and _has(r, dtype=torch.float16, shapes="degenerate_nonempty")),
     Constraint("sparse gradients x clip_grad_norm_", "clip_grad_norm_ computes the norm of dense gradients "
                "only (torch raises for sparse ones)",
                lambda a, r: _has(r, grads="sparse", amp=("unscale_clip", "two_optimizers"))),
