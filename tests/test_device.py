@@ -19,7 +19,9 @@ from optparity.harness.check import UsageError, prepare, run
 from optparity.harness.runner import Verdict
 
 HAS_CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA; this machine has no GPU")
+def needs_cuda(test):
+    """Marked `cuda` (scripts/gpu-check.sh selects them) and skipped without a GPU."""
+    return pytest.mark.cuda(pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA; this machine has no GPU")(test))
 no_cuda = pytest.mark.skipif(HAS_CUDA, reason="this machine has a GPU: the no-GPU refusal cannot show")
 
 

@@ -16,7 +16,9 @@ from optparity.harness.check import UsageError, check, prepare
 from optparity.harness.mutants import by_name
 
 # A candidate that is torch's SGD except that its 3rd step hangs on the for-loop path: every
-# forloop case must come back "hung in step 3" and every foreach one bit-identical.
+# forloop case must come back "hung in step 3" and every foreach one bit-identical. The hang ends
+# (in an error, so a verdict other than "hung") only if nothing killed it for 10 minutes: a test
+# proves the kill by the verdict, not by how long the run took.
 HANGING = textwrap.dedent("""
     import time
     import torch
@@ -25,19 +27,29 @@ HANGING = textwrap.dedent("""
         def step(self, closure=None):
             self._calls = getattr(self, "_calls", 0) + 1
             if self._calls == 3 and self.param_groups[0]["foreach"] is False:
-                while True:
+                end = time.monotonic() + 600
+                while time.monotonic() < end:
                     time.sleep(0.05)
+                raise RuntimeError("the watchdog did not stop this hung step")
             return super().step(closure)
 """)
 
-# torch's Adam, slowed down so that a run is still going when the test interrupts or kills it.
-SLOW = textwrap.dedent("""
-    import time
+# torch's Adam, whose foreach cases never finish: each marks that it is running (a file named after
+# its worker) and then waits for a file that never comes. The for-loop cases finish. A test that
+# waits for a marker and a partial report stops a run KNOWN to be in the middle, whatever the
+# machine's speed or load (no sleep decides it). The marker is written at the first step, before
+# the wait, so the case is running when the test sees it.
+BLOCKING = textwrap.dedent("""
+    import os, time
     import torch
 
     class Adam(torch.optim.Adam):
         def step(self, closure=None):
-            time.sleep(0.01)
+            if self.param_groups[0]["foreach"]:
+                here = os.environ["OPTPARITY_TEST_BLOCK_DIR"]
+                open(os.path.join(here, f"running.{os.getpid()}"), "w").close()
+                while not os.path.exists(os.path.join(here, "never")):
+                    time.sleep(0.01)
             return super().step(closure)
 """)
 
@@ -139,14 +151,13 @@ def test_hung_case_is_reported_with_its_step_and_the_run_goes_on():
     cases = [c for c in matrix.build_cases(["SGD"], ("forloop", "foreach"), (matrix.DTYPES[0],), ("mixed",))
              if c.config_index in (0, 1) and levels.axis_of(c) == "base"]
     assert [c.path for c in cases] == ["forloop", "foreach", "forloop", "foreach"]
-    start = time.monotonic()
     report = check(cls, "torch.optim:SGD", cases=cases, workers=2, timeout=3)
     verdicts = [(r.case.path, r.verdict) for r in report.results]
+    # "hung", not the error the step raises if left alone: the watchdog killed it
     assert verdicts == [("forloop", "hung"), ("foreach", "bit_identical")] * 2
     hung = report.results[0]
     assert hung.hung_step == 3 and "hung in step 3" in hung.message and hung.status == "fail"
     assert report.finished and not report.ok
-    assert time.monotonic() - start < 60  # killed after the timeout, not waited for
 
 
 def test_timeout_with_one_worker_still_runs_in_a_watched_process():
@@ -180,8 +191,28 @@ def test_unknown_level_is_a_usage_error():
 
 # --- the command: results as they come in, kill -9, Ctrl-C ------------------------------------
 
-SLOW_ARGS = ["--candidate", "slow:Adam", "--paths", "forloop,foreach", "--param-sets", "mixed,groups",
-             "--json", "r.json", "--junit", "r.xml"]
+BLOCKING_ARGS = ["--candidate", "blocking:Adam", "--paths", "forloop,foreach", "--param-sets", "mixed,groups",
+                 "--json", "r.json", "--junit", "r.xml"]
+
+
+def _start_blocking(tmp_path, **popen):
+    """The BLOCKING candidate's run with 2 workers, in tmp_path."""
+    _module(tmp_path, "blocking", BLOCKING)
+    cmd, kw = _cli(*BLOCKING_ARGS, "-n", "2", cwd=tmp_path, extra_path=tmp_path)
+    kw["env"]["OPTPARITY_TEST_BLOCK_DIR"] = str(tmp_path)
+    return subprocess.Popen(cmd, **kw, **popen)
+
+
+def _wait_until_blocked(tmp_path, proc, deadline_s=300):
+    """Wait until a case is running (its marker exists) and the report holds some results: the
+    run is then known to be unfinished. The deadline only bounds a broken run."""
+    doc = _wait_for_partial(tmp_path / "r.json", proc, deadline_s)
+    end = time.monotonic() + deadline_s
+    while not list(tmp_path.glob("running.*")):
+        assert proc.poll() is None, "the run ended before it could be stopped"
+        assert time.monotonic() < end, "no case started blocking"
+        time.sleep(0.05)
+    return doc
 
 
 def _wait_for_partial(path, proc, deadline_s=120):
@@ -198,12 +229,9 @@ def _wait_for_partial(path, proc, deadline_s=120):
 
 
 def test_kill_9_leaves_a_valid_partial_report(tmp_path):
-    _module(tmp_path, "slow", SLOW)
-    cmd, kw = _cli(*SLOW_ARGS, "-n", "2", cwd=tmp_path, extra_path=tmp_path)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
+    proc = _start_blocking(tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_for_partial(tmp_path / "r.json", proc)
-        time.sleep(1.5)  # let a rewrite or two happen, so the kill may land in the middle of one
+        _wait_until_blocked(tmp_path, proc)
         workers = [int(p) for p in open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()]
     finally:
         proc.send_signal(signal.SIGKILL)
@@ -225,23 +253,21 @@ def test_kill_9_leaves_a_valid_partial_report(tmp_path):
 @pytest.mark.parametrize("sig,code,said", [(signal.SIGINT, 130, "interrupted (Ctrl-C)"),
                                            (signal.SIGTERM, 143, "terminated (SIGTERM)")])
 def test_ctrl_c_gives_the_partial_summary_without_a_traceback(tmp_path, sig, code, said):
-    _module(tmp_path, "slow", SLOW)
-    cmd, kw = _cli(*SLOW_ARGS, "-n", "2", cwd=tmp_path, extra_path=tmp_path)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, **kw)
+    proc = _start_blocking(tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
     try:
-        _wait_for_partial(tmp_path / "r.json", proc)
+        _wait_until_blocked(tmp_path, proc)
         if sig == signal.SIGINT:
             os.killpg(proc.pid, sig)  # as a terminal's Ctrl-C does: the workers get it too
         else:
             proc.send_signal(sig)  # as a CI runner's timeout does
-        out, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=600)  # a bound for a broken stop, not a speed claim
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == code, out + err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
-    assert f"{said}: partial results" in out and "candidate: slow:Adam" in out
+    assert f"{said}: partial results" in out and "candidate: blocking:Adam" in out
     doc = json.loads((tmp_path / "r.json").read_text())
     assert doc["interrupted"] is True and doc["ok"] is False and 0 < doc["cases"] < doc["planned"]
     assert not list(tmp_path.glob(".r.json.partial"))

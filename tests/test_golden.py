@@ -158,3 +158,53 @@ def test_record_command(tmp_path, capsys):
     assert g.reference.endswith(":_FunctionalRprop") and base and all(c.n_steps == 3 for c in base)
     assert main(["check", "--candidate", "optparity.distributed:FunctionalRprop", "--reference", g.reference,
                  "--golden", str(tmp_path)]) == 0
+
+
+# --- goldens off the recording machine: one line says how to record this machine's -------------
+
+def _hint_lines(out: str) -> list[str]:
+    return [line for line in out.splitlines() if "optparity reference record --out" in line]
+
+
+def test_another_machine_gets_one_line_with_the_commands_that_work(sgd_dir, monkeypatch, capsys):
+    # a machine of another ATen CPU capability, faked: torch's own answer is patched
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512_FAKE")
+    narrow = ["--paths", "forloop", "--dtypes", "float32", "--param-sets", "mixed"]
+    assert main(["check", "--candidate", "optparity.optim:SGD", "--golden", str(sgd_dir), *narrow]) == 2
+    out = capsys.readouterr().out
+    (hint,) = _hint_lines(out)  # one line, however many candidates were refused
+    assert "AVX512_FAKE" in hint and "not drift" in out
+    record, check = re.findall(r"`([^`]+)`", hint)
+    target = sgd_dir.with_name(f"{sgd_dir.name}-{golden.environment()['platform']}-avx512_fake".lower())
+    assert record == f"optparity reference record --out {target} --algorithms SGD"
+    assert check == f"optparity check --candidate optparity.optim:SGD --golden {target}"
+    # the two commands, as printed (narrowed to a few cases to stay quick), do what the line says
+    assert main([*record.split()[1:], *narrow, "--no-functional", "-n", "1"]) == 0
+    assert golden.read_golden(target / "SGD.txt").env["cpu_capability"] == "AVX512_FAKE"
+    assert main([*check.split()[1:], *narrow]) == 0
+
+
+def test_check_all_on_another_machine_prints_the_line_once(sgd_dir, monkeypatch, capsys):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512_FAKE")
+    assert main(["reference", "check", "--all", "--golden", str(sgd_dir), "--level", "quick"]) == 2
+    (hint,) = _hint_lines(capsys.readouterr().out)
+    assert "--level quick`, then run `optparity reference check --all --level quick --golden " in hint
+
+
+def test_a_forced_capability_is_not_a_machine_of_that_capability(sgd_dir, monkeypatch, capsys):
+    # ATEN_CPU_CAPABILITY=avx2 on an AVX512 CPU (faked: the child's answer is patched) narrows ATen's
+    # dispatch only; such a run cannot stand in for an AVX2 machine
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    monkeypatch.setattr(golden, "forced_capability", lambda: "AVX512")
+    report = golden.check_against("optparity.optim:SGD", sgd_dir)
+    assert report.exit_code == 2 and report.other_machine and report.checked == 0
+    assert "ATEN_CPU_CAPABILITY=avx2 forces" in report.incomparable[0] and "AVX512 CPU" in report.incomparable[0]
+    assert main(["check", "--candidate", "optparity.optim:SGD", "--golden", str(sgd_dir)]) == 2
+    assert len(_hint_lines(capsys.readouterr().out)) == 1
+
+
+def test_forced_capability_asks_a_child_without_the_variable(monkeypatch):
+    golden.forced_capability.cache_clear()
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    assert golden.forced_capability() is None  # not set: nothing forced, no child started
+    golden.forced_capability.cache_clear()

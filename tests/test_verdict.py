@@ -253,3 +253,168 @@ def test_pytest_plugin_marker_turns_cases_into_items(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "test_sgd[SGD/forloop/float32/groups/c0[defaults]] PASSED" in out.stdout
     assert " 2 passed" in out.stdout
+
+
+# --- issue 18: layouts, causes, exit reasons, readable figures, small stumbles ---------------------
+
+class KahanAdam(torch.optim.Adam):
+    """torch's numbers with another param-group layout (like torch-optimi's): a `kahan_sum` key
+    its step needs, and no `amsgrad` one."""
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, **kwargs)
+        for group in self.param_groups:
+            group["kahan_sum"] = False
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            group["kahan_sum"]  # KeyError once torch's state dict (which lacks it) is loaded
+        return super().step(closure)
+
+    def state_dict(self):
+        sd = super().state_dict()
+        for group in sd["param_groups"]:
+            group.pop("amsgrad", None)
+        return sd
+
+    def load_state_dict(self, state_dict):
+        for group in state_dict["param_groups"]:
+            group.setdefault("amsgrad", False)
+        super().load_state_dict(state_dict)
+
+
+def test_state_dict_layout_difference_is_its_own_finding_and_numbers_go_on():
+    report = check(KahanAdam, "torch.optim:Adam", cases=cases(configs=[0, 1], steps=12))
+    assert {r.verdict for r in report.results} == {Verdict.API_DIFFERS}, [r.message for r in report.results]
+    r = report.results[0]
+    assert r.steps_run == r.case.steps and r.first_numeric is None  # compared to the end, numbers identical
+    assert "the candidate's state dict lacks 'amsgrad' in param_groups" in r.layout
+    assert "the reference's lacks 'kahan_sum' in param_groups" in r.layout
+    text = format_text(report)
+    assert sum("state-dict layout (2 cases)" in line for line in text.splitlines()) == 1
+    assert "numeric verdict: numbers identical 2" in text
+    from optparity.harness.report import exit_reason
+    assert "--numerics-only" in exit_reason(report)
+    assert check(KahanAdam, "torch.optim:Adam", cases=cases(configs=[0, 1], steps=12), numerics_only=True).ok
+
+
+def test_torch_optimi_adamw_gets_one_layout_line_and_a_numeric_verdict():
+    optimi = pytest.importorskip("optimi", reason="torch-optimi is not installed (pip install --no-deps torch-optimi)")
+    report = check(optimi.AdamW, "torch.optim:AdamW", cases=cases("AdamW", configs=[0], steps=12), hyper={"lr": 1e-3})
+    (r,) = report.results
+    assert r.verdict == Verdict.NUMERICS_DIFFER and r.math and r.steps_run == r.case.steps
+    assert "'kahan_sum'" in r.layout
+    assert sum(line.startswith("state-dict layout") for line in format_text(report).splitlines()) == 1
+
+
+class AdamIgnoringAmsgradRefusingComplex(torch.optim.Adam):
+    def __init__(self, params, amsgrad=False, **kwargs):
+        super().__init__(params, **kwargs)
+
+    def step(self, closure=None):
+        if any(p.is_complex() for g in self.param_groups for p in g["params"]):
+            raise RuntimeError("complex not supported")
+        return super().step(closure)
+
+
+def test_summary_by_cause_names_the_option_and_the_parameter_set():
+    from optparity.harness.report import by_config, causes
+
+    got = cases(dtypes=(torch.float64,), param_sets=("mixed", "complex"), configs=[0, 1, 4, 5], steps=12)
+    report = check(AdamIgnoringAmsgradRefusingComplex, "torch.optim:Adam", cases=got)
+    rows = {(row["outcome"], row["feature"]) for row in causes(report.results)}
+    assert ("numerics differ (different math)", "amsgrad=True") in rows, rows
+    assert ("error on one side (RuntimeError: complex not supported)", "param_set=complex") in rows, rows
+    text = format_text(report)
+    assert "by cause" in text and "those with amsgrad=True (2 of its 2)" in text
+    table = by_config(report.results)
+    assert table.loc["c0[defaults]", "ok"] == 1 and "dominant" in table.columns
+    write_json(report, "/dev/null")  # by_cause and by_config are JSON-ready
+
+
+def test_exit_reason_is_printed_when_every_case_is_the_same_error(capsys):
+    from optparity.cli import main
+
+    code = main(["check", "--candidate", "optparity.optim:Adam", "--level", "quick", "--paths", "forloop",
+                 "--filter", "capturable=True", "-n", "1", "--timeout", "0", "-q"])
+    out = capsys.readouterr().out
+    assert code == 1 and "exit 1: no case showed matching numbers (same error on both sides" in out
+
+
+def test_magnitudes_are_readable_and_exact_in_json():
+    from optparity.harness.bitwise import readable_rel, readable_ulp
+
+    assert readable_ulp(2 ** 53) == str(2 ** 53) and readable_ulp(9236452185032772355) == "huge (>2^53)"
+    assert readable_rel(0.5) == "0.5" and readable_rel(4.49e304).startswith(">1e+03")
+    d = compare(torch.tensor([1.0, -2.0], dtype=torch.float64), torch.tensor([-1e-300, 2.0], dtype=torch.float64))
+    assert "huge (>2^53) ulp" in d.describe() and d.max_ulp > 2 ** 53
+
+
+class LoudError(torch.optim.SGD):
+    def step(self, closure=None):
+        raise NotImplementedError("no kernel for this backend; registered backends: " + ", ".join(
+            f"Backend{i}" for i in range(600)))
+
+
+def test_long_error_messages_are_short_in_the_summary_and_whole_in_json(tmp_path):
+    report = check(LoudError, "torch.optim:SGD", cases=cases("SGD", configs=[0]))
+    text = format_text(report)
+    assert "whole in --json" in text and max(map(len, text.splitlines())) < 1000
+    write_json(report, tmp_path / "r.json")
+    assert "Backend599" in json.loads((tmp_path / "r.json").read_text())["results"][0]["message"]
+
+
+def test_candidate_module_in_the_working_directory_imports_like_python_m(tmp_path):
+    (tmp_path / "myopt.py").write_text("import torch\n\nclass MyAdamW(torch.optim.AdamW):\n    pass\n")
+    out = subprocess.run([sys.executable, "-m", "optparity", "check", "--candidate", "myopt:MyAdamW", "--level",
+                          "quick", "--filter", r"forloop/float32/groups/c0\[", "-n", "1", "--timeout", "0", "-q"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "reference: torch.optim:AdamW" in out.stdout and "exit 0" in out.stdout
+
+
+def test_subclass_is_recognised_by_its_torch_base():
+    from optparity.harness.candidates import algorithm_of
+
+    class MyAdamW(torch.optim.AdamW):
+        pass
+
+    class Tuned(MyAdamW):
+        pass
+
+    assert algorithm_of(MyAdamW) == "AdamW" and algorithm_of(Tuned) == "AdamW"
+
+
+def test_hyper_shows_in_case_ids_and_identical_configs_run_once():
+    from optparity.harness.check import prepare
+
+    plan = prepare("torch.optim:Adam", level="quick", paths=["forloop"], hyper={"lr": 0.01})
+    assert all("lr=0.01" in c.id for c in plan.cases)
+    assert len({c.id for c in plan.cases}) == len(plan.cases)
+    assert any("makes configuration c1 the same as c0" in note for note in plan.notes)
+
+
+def test_non_optimizer_callable_is_refused_with_exit_2(capsys):
+    from optparity.cli import main
+
+    assert main(["check", "--candidate", "math:sqrt", "--algorithm", "Adam", "-q"]) == 2
+    assert "not an optimizer" in capsys.readouterr().err
+
+
+def test_dtypes_filter_the_edge_cases_too():
+    from optparity.harness import levels
+
+    got = levels.select("default", "Adam", dtypes=[torch.float32, torch.float64])
+    assert got and all(c.dtype in (torch.float32, torch.float64) for c in got)
+    assert not any(c.param_set == "dtype_mix" for c in got)  # its float32 form holds half tensors
+    assert any(c.dtype == torch.bfloat16 for c in levels.select("default", "Adam"))
+
+
+def test_every_summary_column_is_explained_in_help():
+    from optparity.cli import build_parser
+    from optparity.harness.report import _COLUMNS
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    text = sub.choices["check"].format_help()
+    for column in [*_COLUMNS.values(), "worst_ulp", "fused_vs_forloop_ulp", "cases"]:
+        assert f"\n  {column}" in text, column

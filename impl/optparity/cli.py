@@ -14,6 +14,13 @@ from pathlib import Path
 from optparity.harness import matrix
 from optparity.harness.algorithms import ALGORITHMS
 from optparity.harness.levels import DTYPE_NAMES
+from optparity.versions import MIRRORS_TORCH
+
+
+def torch_version() -> str:
+    import torch
+
+    return torch.__version__
 
 
 
@@ -99,6 +106,28 @@ def _seconds(text: str) -> float:
     return value
 
 
+_COLUMNS_HELP = """summary columns (one row per algorithm, path, dtype; counts of cases):
+  cases        cases run
+  identical    bit-identical: every parameter and state tensor has torch's bits after every step
+  tolerated    within --max-ulp (tolerance mode only)
+  numerics     numbers differ; the summary says whether as rounding does ("rounding-level": the
+               candidate is within 4x torch's own error against a float64 shadow of torch's
+               reference) or not ("different math")
+  api          only API/layout differs (state keys, param-group keys, state_dict layout); numbers match
+  n/a          not applicable: the candidate does not take an option of the case (named below)
+  same_error   both sides raised the same error (torch's contract; proves no numbers)
+  error        one side raised, or the two raised different errors
+  hung         no result within --timeout
+  measured     across devices: distance measured, not claimed zero (--reference-device)
+  worst_ulp    largest distance in units in the last place between candidate and torch over every
+               tensor and step ("huge (>2^53)": a sign flip or a value near zero; exact in --json)
+  fused_vs_forloop_ulp
+               fused cases only, informational: the candidate's largest ULP distance from torch's
+               for-loop path on the same case (torch's fused kernels are not bit-equal to its
+               for-loop path by design; huge on gapped views, where torch's fused CPU kernel is wrong)
+then "by cause" names what the failing cases share (an option, parameter set, dtype or path)."""
+
+
 def _add_check(sub) -> None:
     from optparity.harness.check import DEFAULT_TIMEOUT, default_workers
     from optparity.harness.levels import LEVELS
@@ -115,6 +144,7 @@ def _add_check(sub) -> None:
                  "capturable configurations); ids of cases off the CPU end in @DEVICE. --reference-device DEV "
                  "runs the reference elsewhere: such cases are not claimed bit-identical, their distance (max ULP, "
                  "abs and rel error, measured on the CPU) is reported as 'measured across devices'."
+               + "\n\n" + _COLUMNS_HELP
                + "\n\nexit codes: 0 every case bit-identical (or, with --reference-device, measured across devices: "
                  "a distance fails only beyond --max-ulp, a NaN/inf mismatch only when --max-ulp is given); 1 a case "
                  "differs, hung or crashed; 2 usage, import or output-path error, or a device this machine lacks "
@@ -170,6 +200,8 @@ def _add_check(sub) -> None:
     p.add_argument("--golden", nargs="?", const="", metavar="DIR",
                    help="check against recorded fingerprints in DIR (default reference/golden) instead of running "
                         "the reference; exit 2 when they cannot be compared (harness/golden.py)")
+    from optparity.harness.distributed.cli import add_arguments as add_distributed_arguments
+    add_distributed_arguments(p)  # --kind, --world-sizes, --backend (docs/distributed-check.md)
     p.set_defaults(func=_run_check)
 
 
@@ -311,6 +343,9 @@ def _check_command(args) -> int:
         print(f"optparity check: {message}", file=sys.stderr)
         return 2
 
+    from optparity.harness.distributed.cli import is_distributed, run_distributed_check
+    if is_distributed(args):  # --kind / --world-sizes / --backend: the check over N ranks
+        return run_distributed_check(args, usage)
     pairs = _all_candidates() if args.all else [(args.candidate, args.reference)]
     devices = {"--device": args.device, "--reference-device": args.reference_device}
     if args.golden is not None and any(d not in (None, "cpu") for d in devices.values()):
@@ -352,6 +387,8 @@ def _check_command(args) -> int:
             report = plan.new_report()
             reports.append(report)
             progress = _Progress(plan.candidate.label, len(plan.cases), args.quiet)
+            for note in getattr(plan, "notes", ()):
+                print(f"{plan.candidate.label}: {note}")
 
             def on_result(result, _progress=progress):
                 _progress(result)
@@ -387,10 +424,26 @@ def _check_command(args) -> int:
         seconds = sum(r.seconds for r in reports)
         print(f"all: {len(reports)} candidates, {cases} cases, {sum(len(r.failed) for r in reports)} differ, "
               f"{seconds:.1f} s ({cases / max(seconds, 1e-9):.0f} cases/s)")
+    if len(reports) > 1:
+        from optparity.harness.report import version_drift_line
+
+        drifts = [line for r in reports if (line := version_drift_line(r))]
+        if drifts:
+            print(f"version drift: {len(drifts)} of optparity's implementations differ from torch "
+                  f"{torch_version()} (they mirror {MIRRORS_TORCH}):\n  " + "\n  ".join(drifts))
     if args.all and (covered := _covered_kernels()):
         print(f"{len(covered)} kernels not rerun, covered by their class's check (its kernel is the same "
               f"function): " + ", ".join(k.split(":")[1] for k, _ in covered))
-    return 0 if all(r.ok for r in reports) else 1
+    from optparity.harness.report import exit_reason
+
+    code = 0 if all(r.ok for r in reports) else 1
+    reasons = [exit_reason(r) for r in reports]
+    if len(reports) == 1:
+        print(reasons[0])
+    else:
+        failing = [f"{r.candidate}: {why}" for r, why in zip(reports, reasons) if not r.ok]
+        print(f"exit {code}: " + ("every candidate's cases match" if not failing else "; ".join(failing)))
+    return code
 
 
 def _add_selftest(sub) -> None:
@@ -413,7 +466,11 @@ def _run_selftest(args) -> int:
     from optparity.harness.check import check
     from optparity.harness.mutants import MUTANTS, by_name
 
-    mutants = [by_name(n) for n in args.mutant] if args.mutant else list(MUTANTS)
+    from optparity.harness.distributed import selftest as distributed
+
+    wanted_distributed = [n for n in args.mutant or () if n in distributed.names()]
+    mutants = ([by_name(n) for n in args.mutant if n not in wanted_distributed] if args.mutant
+               else list(MUTANTS))
     rows = []
     for m in mutants:
         report = check(m.build(), f"torch.optim:{m.algorithm}", algorithm=m.algorithm, fail_fast=True,
@@ -426,6 +483,8 @@ def _run_selftest(args) -> int:
                      "caught": first is not None and (exposed is None or exposed(first.case)),
                      "cases_until_caught": len(report.results),
                      "first_divergence": f"{first.case.id} {first.message}"[:110] if first else "-"})
+    if not args.mutant or wanted_distributed:  # planted distributed bugs, at the distributed quick level
+        rows += distributed.mutant_rows(wanted_distributed or None)
     table = pd.DataFrame(rows)
     print(table.to_string(index=False))
     per_axis = table.groupby("axis", sort=False)["caught"].agg(caught="sum", mutants="count")
@@ -437,6 +496,10 @@ def _run_selftest(args) -> int:
             if not report.ok:
                 alarms.append(f"{algo}: {report.first_failure.message}")
         print(f"\ntorch.optim against itself: {'no false alarm' if not alarms else 'FALSE ALARMS: ' + '; '.join(alarms)}")
+        torch_distributed = distributed.torch_alarms()
+        print("torch's distributed classes (ZeRO, PostLocalSGDOptimizer, averager): "
+              + ("no false alarm" if not torch_distributed else "FALSE ALARMS: " + "; ".join(torch_distributed)))
+        alarms += torch_distributed
     caught = int(table["caught"].sum())
     print(f"{caught}/{len(table)} mutants caught")
     return 0 if caught == len(table) and not alarms else 1
@@ -457,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # `--candidate myopt:MyAdamW` from the folder holding myopt.py, as `python -m` would import it
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     return args.func(args)
 
 

@@ -17,6 +17,9 @@ import pytest
 # pytest run that never asks for it does not pay for it.
 _PLAN_OPTIONS = ("algorithm", "level", "paths", "dtypes", "param_sets", "steps", "case_filter", "hyper",
                  "numerics_only", "max_ulp", "rounding_ulp")
+# a distributed optimizer over ranks (optparity.harness.distributed): the same items, one per case
+_DISTRIBUTED_OPTIONS = ("kind", "world_sizes", "backend")
+_POOLS = {}  # backend -> the session's long-lived ranks (harness/distributed/engine.Pools)
 
 
 def pytest_addoption(parser):
@@ -25,6 +28,10 @@ def pytest_addoption(parser):
     group.addoption("--optparity-reference", metavar="MODULE:NAME", help="default: torch.optim's same name")
     group.addoption("--optparity-level", default=None, help="quick, default or full (default: the marker's, or default)")
     group.addoption("--optparity-numerics-only", action="store_true", help="layout differences do not fail")
+    group.addoption("--optparity-kind", default=None,
+                    help="a distributed optimizer: zero, local-sgd, fsdp, fsdp1 or adapter (docs/distributed-check.md)")
+    group.addoption("--optparity-world-sizes", default=None, metavar="N[,N...]", help="world sizes (default 2,3)")
+    group.addoption("--optparity-backend", default=None, help="gloo (default) or nccl")
 
 
 def pytest_configure(config):
@@ -43,7 +50,13 @@ class OptparityCase:
         from optparity.harness.runner import run_case
 
         if self.result is None:
-            self.result = run_case(self.case, self.plan.candidate, self.plan.reference, **self.plan.run_options)
+            if hasattr(self.plan, "kind"):  # a distributed plan: its case runs in the session's ranks
+                from optparity.harness.distributed.engine import Pools, run_case as run_distributed
+
+                pools = _POOLS.setdefault(self.plan.backend, Pools(self.plan.backend, 120.0))
+                self.result = run_distributed(self.plan, self.case, pools)
+            else:
+                self.result = run_case(self.case, self.plan.candidate, self.plan.reference, **self.plan.run_options)
         return self.result
 
     def assert_ok(self):
@@ -60,9 +73,26 @@ class OptparityCase:
 
 
 def _plan(candidate, reference, options):
+    if any(options.get(k) is not None for k in _DISTRIBUTED_OPTIONS):
+        from optparity.harness.distributed.engine import prepare as prepare_distributed
+
+        return prepare_distributed(candidate, reference,
+                                   **{k: v for k, v in options.items() if k in _PLAN_OPTIONS + _DISTRIBUTED_OPTIONS})
     from optparity.harness.check import prepare
 
     return prepare(candidate, reference, **{k: v for k, v in options.items() if k in _PLAN_OPTIONS})
+
+
+def _distributed_options(config) -> dict:
+    sizes = config.getoption("--optparity-world-sizes")
+    return {"kind": config.getoption("--optparity-kind"), "backend": config.getoption("--optparity-backend"),
+            "world_sizes": [int(w) for w in sizes.split(",")] if sizes else None}
+
+
+def pytest_unconfigure(config):
+    for pools in _POOLS.values():
+        pools.close()
+    _POOLS.clear()
 
 
 def pytest_generate_tests(metafunc):
@@ -114,7 +144,7 @@ def pytest_make_collect_report(collector):
     if not candidate or not isinstance(collector, pytest.Session) or report.outcome != "passed":
         return report
     options = {"level": config.getoption("--optparity-level") or "default",
-               "numerics_only": config.getoption("--optparity-numerics-only")}
+               "numerics_only": config.getoption("--optparity-numerics-only"), **_distributed_options(config)}
     try:
         plan = _plan(candidate, config.getoption("--optparity-reference"), options)
     except ValueError as e:

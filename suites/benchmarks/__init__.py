@@ -1,1 +1,1 @@
-"""asv benchmark suite (asv.conf.json: benchmark_dir). Run with asv; see README "Performance"."""
+"""asv benchmark suite (asv.conf.json: benchmark_dir). Run with asv; see docs/benchmarking.md."""

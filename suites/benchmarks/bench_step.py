@@ -10,7 +10,7 @@ import functools
 
 import torch
 
-from .common import ALLOCATOR, THREADS, workloads as W
+from .common import ALLOCATOR, THREADS, blocks as B, workloads as W
 
 _PARAMS = [list(W.ALGORITHMS), list(W.IMPLS), list(W.WORKLOADS), list(W.DTYPES)]
 _NAMES = ["algorithm", "impl", "workload", "dtype"]
@@ -60,6 +60,34 @@ class StepMemory:
         return W.state_bytes(W.prepared(algorithm, impl, workload, dtype, warmup_steps=1))
 
     track_state_bytes.unit = "bytes"
+
+
+class StepRatio:
+    """The normalised figures of `optparity bench` (docs/regression-tracking.md), as asv track_
+    results: optparity's step over torch's on the same path, from interleaved blocks in CPU
+    time, median over the blocks. A machine that is slower as a whole moves both sides, so this
+    figure holds still on an unchanged commit where StepTime's seconds do not; asv's rule (a
+    factor, -f) applies to it unchanged."""
+
+    params = [list(W.ALGORITHMS), ["forloop", "foreach"], list(W.WORKLOADS), list(W.DTYPES)]
+    param_names = ["algorithm", "path", "workload", "dtype"]
+    timeout = 600
+    blocks = 24
+    block_seconds = 0.02
+
+    def setup(self, algorithm, path, workload, dtype):
+        torch.set_num_threads(THREADS[0])
+        self.opts = {lib: W.prepared(algorithm, f"{lib}-{path}", workload, dtype) for lib in ("optparity", "torch")}
+
+    def track_ratio_to_torch(self, algorithm, path, workload, dtype):
+        copy_fn, _ = B.copy_reference()
+        rows = B.interleaved({lib: B.block_timer(o.step) for lib, o in self.opts.items()}, B.block_timer(copy_fn),
+                             self.blocks, self.block_seconds)
+        cpu = {(r["key"], r["block"]): r["cpu_seconds"] for r in rows}
+        ratios = sorted(cpu[("optparity", b)] / cpu[("torch", b)] for b in range(self.blocks))
+        return (ratios[(self.blocks - 1) // 2] + ratios[self.blocks // 2]) / 2
+
+    track_ratio_to_torch.unit = "optparity/torch"
 
 
 class CudaStep:

@@ -11,24 +11,27 @@ import os
 import sys
 from pathlib import Path
 
-_WORKLOADS_PY = Path(__file__).resolve().parents[2] / "impl" / "optparity" / "bench" / "workloads.py"
+_BENCH_DIR = Path(__file__).resolve().parents[2] / "impl" / "optparity" / "bench"
 
 
-def _load_workloads():
-    if not _WORKLOADS_PY.is_file():  # suite copied away from its tree: use the installed one
-        from optparity.bench import workloads
-        return workloads
-    name = "_optparity_bench_workloads"
+def _load(module_name: str):
+    """optparity/bench/<module_name>.py of this tree (torch + stdlib only), or the installed one
+    when the suite was copied away from its tree."""
+    path = _BENCH_DIR / f"{module_name}.py"
+    if not path.is_file():
+        return importlib.import_module(f"optparity.bench.{module_name}")
+    name = f"_optparity_bench_{module_name}"
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, _WORKLOADS_PY)
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses resolve annotations through sys.modules
     spec.loader.exec_module(module)
     return module
 
 
-workloads = _load_workloads()
+workloads = _load("workloads")
+blocks = _load("blocks")  # interleaved block timing: the normalised figures (StepRatio)
 
 
 def _threads() -> list[int]:

@@ -2,7 +2,7 @@
 
 Upstream is not ours to fix, so the test pins *where* it differs: the recorded set of divergent
 cases (reference/upstream_functional_vs_torch_optim.json) must be exactly what we observe. A change
-either way — a new divergence, or one that disappeared — fails and must be looked at. The README
+either way — a new divergence, or one that disappeared — fails and must be looked at. docs/upstream-findings.md
 summarises the divergences."""
 import json
 

@@ -35,6 +35,9 @@ def ranks():
         if under_torchrun() and "job" not in local:
             local["job"] = InProcessRanks()  # joins torchrun's group; the skip check below needs it
         reason = backend_skip_reason(backend) if backend != "gloo" or under_torchrun() else None
+        sizes = _wanted_world_sizes()
+        if sizes and world_size not in sizes:
+            reason = f"world size {world_size}: OPTPARITY_WORLD_SIZES={os.environ['OPTPARITY_WORLD_SIZES']}"
         if reason:
             pytest.skip(reason)
         if under_torchrun():
@@ -51,7 +54,38 @@ def ranks():
         pool.close()
 
 
+def _params(item) -> dict:
+    return getattr(getattr(item, "callspec", None), "params", {})
+
+
+def _is_nccl(item) -> bool:
+    return _params(item).get("backend") == "nccl" or item.originalname.endswith("_nccl")
+
+
+def _world_size(item) -> int | None:
+    """The world size a parametrized test asks for (its parameter's name varies), else None."""
+    params = _params(item)
+    return next((params[k] for k in ("world_size", "ws", "n") if isinstance(params.get(k), int)), None)
+
+
+def _wanted_world_sizes() -> set[int] | None:
+    """OPTPARITY_WORLD_SIZES=1 (or 1,2): run only those world sizes (the GPU check: one GPU)."""
+    wanted = os.environ.get("OPTPARITY_WORLD_SIZES")
+    return {int(w) for w in wanted.split(",") if w.strip()} if wanted else None
+
+
 def pytest_collection_modifyitems(config, items):
     # Under torchrun every rank runs pytest; collection order must be identical on all ranks.
     if under_torchrun() and os.environ.get("PYTEST_XDIST_WORKER"):
         raise pytest.UsageError("run the distributed suite under torchrun without pytest-xdist (-n)")
+    for item in items:  # -m nccl / -m cuda select the NCCL variants (scripts/gpu-check.sh)
+        if _is_nccl(item):
+            item.add_marker(pytest.mark.nccl)
+            item.add_marker(pytest.mark.cuda)
+    # tests parametrized by other world sizes are deselected; others skip in the fixture
+    sizes = _wanted_world_sizes()
+    if sizes:
+        deselected = [i for i in items if _world_size(i) is not None and _world_size(i) not in sizes]
+        if deselected:
+            config.hook.pytest_deselected(items=deselected)
+            items[:] = [i for i in items if i not in deselected]

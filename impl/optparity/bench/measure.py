@@ -1,5 +1,7 @@
-"""In-process measurement for `optparity bench`: torch.utils.benchmark times the steps, and each
-case also records its optimizer-state bytes and the peak of temporary allocations during a step."""
+"""In-process measurement for `optparity bench`: interleaved blocks (blocks.py) time the steps of
+each algorithm/workload/dtype group next to each other and next to the machine's copy_ reference,
+and each case also records its exact memory: optimizer-state bytes, and per step the peak of
+temporaries and the bytes allocated."""
 from __future__ import annotations
 
 import contextlib
@@ -12,9 +14,9 @@ from typing import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-from torch.utils.benchmark import Timer
 
 from optparity.bench import bandwidth
+from optparity.bench import blocks as blocks_mod
 from optparity.bench.workloads import DTYPES, WORKLOADS, parse_impl, prepared, state_bytes, supported
 
 
@@ -30,21 +32,27 @@ class Case:
         """The key `optparity report --compare` matches runs on."""
         return f"{self.algorithm}/{self.impl}/{self.workload}/{self.dtype}"
 
+    @property
+    def group(self) -> str:
+        """Cases timed together in interleaved blocks: one algorithm, workload and dtype."""
+        return f"{self.algorithm}/{self.workload}/{self.dtype}"
+
 
 @dataclass(frozen=True)
 class Budget:
-    """How long torch.utils.benchmark's adaptive_autorange may take per case: it stops once
-    IQR/median < threshold (after min_run_time and at least four blocks) or at max_run_time."""
-    threshold: float
-    min_run_time: float
-    max_run_time: float
+    """How much each case is measured: `blocks` interleaved blocks of about `block_seconds` per
+    round (blocks.interleaved), and `memory_samples` profiled steps in the first round."""
+    blocks: int
+    block_seconds: float
     memory_samples: int
+    quick: bool = False
 
 
-FULL = Budget(threshold=0.05, min_run_time=0.3, max_run_time=3.0, memory_samples=5)
-QUICK = Budget(threshold=0.2, min_run_time=0.02, max_run_time=0.3, memory_samples=3)
+FULL = Budget(blocks=24, block_seconds=0.02, memory_samples=2)
+QUICK = Budget(blocks=4, block_seconds=0.005, memory_samples=2, quick=True)
+REMEASURE_FACTOR = 2  # a re-measurement takes twice the blocks of the first pass
 
-COPY_BENCHMARK = "copy_/torch/16M/float32"
+COPY_BENCHMARK = "copy_/torch/4M/float32"  # blocks.REFERENCE_ELEMENTS
 
 
 def plan(algorithms, impls, workloads, dtypes, device: str = "cpu") -> list[Case]:
@@ -68,18 +76,21 @@ def _quiet_stderr_fd():
         os.close(saved)
 
 
-def peak_growth(fn: Callable[[], None], device: str) -> int | None:
-    """Bytes by which allocated memory peaked above its starting level while fn ran: the CUDA
-    allocator's peak, or on CPU the running sum of the profiler's allocation/free records
-    (exact, unlike RSS, which misses temporaries served from already-resident heap pages).
-    None when this torch's profiler does not expose the records."""
+def step_memory(fn: Callable[[], None], device: str) -> tuple[int, int] | None:
+    """(peak, allocated): bytes by which allocated memory peaked above its starting level while fn
+    ran, and the bytes fn allocated in total. On CUDA the caching allocator's counters
+    (torch.cuda.max_memory_allocated); on the CPU the profiler's allocation/free records, exact
+    unlike RSS, which misses temporaries served from already-resident heap pages. None when this
+    torch's profiler does not expose the records."""
     if device == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
+        before = torch.cuda.memory_stats().get("allocated_bytes.all.allocated", 0)
         torch.cuda.reset_peak_memory_stats()
         fn()
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
+        allocated = torch.cuda.memory_stats().get("allocated_bytes.all.allocated", 0) - before
+        return torch.cuda.max_memory_allocated() - base, allocated
     with _quiet_stderr_fd(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     try:
@@ -87,7 +98,8 @@ def peak_growth(fn: Callable[[], None], device: str) -> int | None:
     except AttributeError:
         return None
     events.sort(key=lambda e: e.start_ns())
-    return max(itertools.accumulate((e.nbytes() for e in events), initial=0))
+    sizes = [e.nbytes() for e in events]
+    return max(itertools.accumulate(sizes, initial=0)), sum(n for n in sizes if n > 0)
 
 
 def _row(case: Case, device: str, threads: int) -> dict:
@@ -98,68 +110,87 @@ def _row(case: Case, device: str, threads: int) -> dict:
             "n_tensors": wl.n_tensors, "threads": threads, "device": device}
 
 
-def measure_case(case: Case, *, threads: int, budget: Budget, device: str = "cpu") -> tuple[list[dict], list[dict]]:
-    """(timing rows: one per torch.utils.benchmark sample, memory rows)."""
-    opt = prepared(case.algorithm, case.impl, case.workload, case.dtype, device)
-    base = _row(case, device, threads)
-    moved = bandwidth.bytes_per_element(case.algorithm, DTYPES[case.dtype]) * base["numel"]
-    timer = Timer("opt.step()", globals={"opt": opt}, num_threads=threads, label=case.algorithm,
-                  sub_label=f"{case.workload} {case.dtype}", description=case.impl)
-    m = timer.adaptive_autorange(threshold=budget.threshold, min_run_time=budget.min_run_time,
-                                 max_run_time=budget.max_run_time)
-    timing = [{**base, "sample": i, "seconds": t, "number_per_run": m.number_per_run, "bytes_per_step": moved}
-              for i, t in enumerate(m.times)]
+def _memory_rows(opt, base: dict, budget: Budget, device: str) -> list[dict]:
+    """Exact memory: optimizer state, parameters + gradients, and per profiled step the peak of
+    temporaries above the starting level and the total bytes allocated."""
     param_bytes = sum(2 * p.numel() * p.element_size() for g in opt.param_groups for p in g["params"])
-    memory = [{**base, "metric": "state_bytes", "sample": 0, "bytes": state_bytes(opt)},
-              {**base, "metric": "param_and_grad_bytes", "sample": 0, "bytes": param_bytes}]
+    rows = [{**base, "metric": "state_bytes", "sample": 0, "bytes": state_bytes(opt)},
+            {**base, "metric": "param_and_grad_bytes", "sample": 0, "bytes": param_bytes}]
     for i in range(budget.memory_samples):
-        peak = peak_growth(opt.step, device)
-        if peak is not None:
-            memory.append({**base, "metric": "step_peak_bytes", "sample": i, "bytes": peak})
-    del opt, timer
+        step = step_memory(opt.step, device)
+        if step is not None:
+            rows += [{**base, "metric": "step_peak_bytes", "sample": i, "bytes": step[0]},
+                     {**base, "metric": "step_alloc_bytes", "sample": i, "bytes": step[1]}]
+    return rows
+
+
+def measure_group(cases: list[Case], *, threads: int, budget: Budget, device: str = "cpu", blocks: int | None = None,
+                  with_memory: bool = True) -> tuple[list[dict], list[dict]]:
+    """Time the cases of one algorithm/workload/dtype in interleaved blocks with the copy_
+    reference (blocks.interleaved), then record their memory. (timing rows, memory rows); the
+    copy_ reference comes back as rows of COPY_BENCHMARK too."""
+    opts = {c.benchmark: prepared(c.algorithm, c.impl, c.workload, c.dtype, device) for c in cases}
+    copy_fn, copy_bytes = blocks_mod.copy_reference(device)
+    rows = blocks_mod.interleaved({k: blocks_mod.block_timer(o.step, device) for k, o in opts.items()},
+                                  blocks_mod.block_timer(copy_fn, device), blocks or budget.blocks,
+                                  budget.block_seconds)
+    by_case = {c.benchmark: c for c in cases}
+    timing, copies = [], {}
+    for r in rows:
+        case = by_case[r.pop("key")]
+        moved = bandwidth.bytes_per_element(case.algorithm, DTYPES[case.dtype]) * WORKLOADS[case.workload].numel
+        timing.append({**_row(case, device, threads), **r, "bytes_per_step": moved, "group": case.group})
+        copies[r["block"]] = (r["copy_seconds"], r["copy_cpu_seconds"])
+    group = cases[0]
+    copy_base = {"benchmark": COPY_BENCHMARK, "algorithm": "copy_", "impl": "torch", "library": "torch",
+                 "path": "copy", "workload": "4M", "dtype": "float32", "numel": blocks_mod.REFERENCE_ELEMENTS,
+                 "n_tensors": 1, "threads": threads, "device": device, "group": group.group}
+    timing += [{**copy_base, "block": b, "seconds": w, "cpu_seconds": c, "number_per_run": 1, "copy_seconds": w,
+                "copy_cpu_seconds": c, "bytes_per_step": copy_bytes} for b, (w, c) in copies.items()]
+    memory = []
+    if with_memory:
+        for c in cases:
+            memory += _memory_rows(opts[c.benchmark], _row(c, device, threads), budget, device)
+    del opts, copy_fn
     gc.collect()
     return timing, memory
 
 
-def measure_copy(*, threads: int, budget: Budget, device: str = "cpu") -> list[dict]:
-    """Samples of the streaming-copy roofline, in the same row layout as the optimizer cases."""
-    timer, moved = bandwidth.copy_timer(device, threads)
-    m = timer.adaptive_autorange(threshold=budget.threshold, min_run_time=budget.min_run_time,
-                                 max_run_time=budget.max_run_time)
-    base = {"benchmark": COPY_BENCHMARK, "algorithm": "copy_", "impl": "torch", "library": "torch",
-            "path": "copy", "workload": "16M", "dtype": "float32", "numel": bandwidth.COPY_ELEMENTS,
-            "n_tensors": 1, "threads": threads, "device": device}
-    rows = [{**base, "sample": i, "seconds": t, "number_per_run": m.number_per_run, "bytes_per_step": moved}
-            for i, t in enumerate(m.times)]
-    del timer
-    gc.collect()
-    return rows
+def groups(cases: list[Case]) -> list[list[Case]]:
+    """The cases grouped by algorithm, workload and dtype, in plan order."""
+    out: dict[str, list[Case]] = {}
+    for c in cases:
+        out.setdefault(c.group, []).append(c)
+    return list(out.values())
 
 
 def run(cases: list[Case], *, threads: int, budget: Budget, device: str = "cpu", rounds: int = 1,
-        advance: Callable[[str], None] = lambda label: None) -> tuple[list[dict], list[dict]]:
-    """The copy roofline, every case `rounds` times, then the copy again, so that drift of the
-    machine shows up in the spread. Odd rounds go through the cases in reverse order: neither
-    library of a pair always runs first. Memory is recorded in the first round (it is exact)."""
+        advance: Callable[[str], None] = lambda label: None, remeasure: int = 0) -> tuple[list[dict], list[dict]]:
+    """Every group `rounds` times, odd rounds in reverse group order. Memory is recorded in the
+    first round (it is exact). `remeasure` > 0 marks the rows as that re-measurement pass and
+    takes REMEASURE_FACTOR times the blocks; `sample` numbers each benchmark's rows of the pass."""
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch.cuda.is_available() is False on this machine")
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {rounds}")
     previous = torch.get_num_threads()
-    torch.set_num_threads(threads)  # warm-up steps run outside the Timer: same thread count
+    torch.set_num_threads(threads)  # calibration and warm-up steps run with the same thread count
+    timing: list[dict] = []
+    memory: list[dict] = []
+    n_blocks = budget.blocks * (REMEASURE_FACTOR if remeasure else 1)
     try:
-        timing = [{**r, "round": 0} for r in measure_copy(threads=threads, budget=budget, device=device)]
-        memory: list[dict] = []
         for rnd in range(rounds):
-            for case in (cases if rnd % 2 == 0 else cases[::-1]):
-                t, mem = measure_case(case, threads=threads, budget=budget, device=device)
-                timing += [{**r, "round": rnd} for r in t]
-                memory += mem if rnd == 0 else []
-                advance(case.benchmark)
-        timing += [{**r, "round": rounds - 1} for r in measure_copy(threads=threads, budget=budget, device=device)]
+            todo = groups(cases)
+            for group in (todo if rnd % 2 == 0 else todo[::-1]):
+                t, mem = measure_group(group, threads=threads, budget=budget, device=device, blocks=n_blocks,
+                                       with_memory=rnd == 0 and not remeasure)
+                timing += [{**r, "round": rnd, "pass": remeasure} for r in t]
+                memory += mem
+                for c in group:
+                    advance(c.benchmark)
     finally:
         torch.set_num_threads(previous)
     counter: dict[str, int] = {}
-    for row in timing:  # `sample` numbers a benchmark's samples across rounds
+    for row in timing:
         row["sample"] = counter[row["benchmark"]] = counter.get(row["benchmark"], -1) + 1
     return timing, memory

@@ -39,7 +39,9 @@ tensor is broadcast, so bad input raises on all ranks instead of leaving some in
 where torch 2.13 raises or loads the wrong thing ours loads (None state in the rank0_only
 loaders, set_optimizer_state_dict(full) with no tensor state or with state the optimizer lacked,
 use_orig_params gathering while a parameter has no state); a FlatParameter mixing parameters
-with and without state is refused, naming them.
+with and without state is refused, naming them. Loading a checkpoint (``load_optim_state_shards``,
+``load_full_optim_state``) replaces the whole state as torch.optim does, into torch's ZeRO too
+(whose own load_state_dict keeps the state of parameters the dict lacks).
 """
 from __future__ import annotations
 
@@ -465,12 +467,28 @@ def _apply(optim, model, slots, by_param, plan, pieces, saved_groups) -> None:
         g["params"] = [ids[p] for p in group["params"]]
         groups.append(g)
     _unnamed(optim).load_state_dict({"state": state, "param_groups": groups})
+    _drop_unloaded_state(optim, plan)
+
+
+def _drop_unloaded_state(optim, plan: dict) -> None:
+    """torch.optim semantics for every target: after a load only the loaded parameters have state.
+    Plain, FSDP and fully_shard targets get that from torch.optim's load_state_dict; torch's ZeRO
+    only overwrites its local optimizer's entries, so a rollback in place would keep the newer
+    state of a parameter the checkpoint has none for."""
+    if not _is_zero(_unnamed(optim)):
+        return
+    state = _inner(optim).state
+    for p in [p for p in state if p not in plan]:
+        del state[p]
 
 
 def load_optim_state_shards(optim, model: nn.Module, shards: Iterable) -> None:
     """Load a checkpoint written by save_optim_state_shard on N ranks into `optim` on this rank,
     whatever N and the world size now. `shards`: every rank's file (or dict), in any order;
-    files are memory-mapped, and only the ranges this rank owns are read."""
+    files are memory-mapped, and only the ranges this rank owns are read. As
+    torch.optim.Optimizer.load_state_dict, the checkpoint replaces the whole state on every
+    target (ZeRO included): a parameter it has no state for has none afterwards, also when
+    `optim` has trained since (a rollback in place)."""
     shards = [_open(s) for s in shards]
     _check_shards(shards)
     slots, by_param = _all_slots(model, optim)

@@ -16,6 +16,12 @@ Where this module departs from torch (never in the numbers produced):
   * ``load_state_dict`` leaves the caller's dict untouched and gives the local optimizer its own
     copies of the state tensors (torch writes ``None`` into the caller's dict and lets the local
     optimizer step the caller's tensors in place);
+  * ``load_state_dict`` replaces the whole state, as ``torch.optim.Optimizer.load_state_dict``
+    does: a parameter the dict has no state for has none afterwards. torch's ZeRO only
+    overwrites the parameters the dict has state for, so loading an older checkpoint into an
+    optimizer that has trained since (a rollback in place) keeps the newer state of the others
+    (their ``step`` runs on from the later value). Identical whenever the loading optimizer is
+    fresh or the dict has state for every parameter it had (suites/distributed/test_rollback.py);
   * a parameter group whose ``params`` is a single tensor or a generator is taken as such
     (torch iterates the tensor's rows / exhausts the generator before the group is built);
   * parameters of groups added with ``add_param_group`` take part in the trainability check;
@@ -766,8 +772,10 @@ class ZeroRedundancyOptimizer(Optimizer, Joinable):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a whole-optimizer state dict (from state_dict(), torch's ZeRO or a plain
-        optimizer); this rank keeps the state of the parameters it owns. `state_dict` is left
-        unchanged and shares no tensor with this optimizer afterwards."""
+        optimizer); this rank keeps the state of the parameters it owns. As torch.optim (unlike
+        torch's ZeRO) the dict replaces the whole state: an owned parameter it has no state for
+        is left with none. `state_dict` is left unchanged and shares no tensor with this
+        optimizer afterwards."""
         self._check_overlap_initialized()
 
         kept: dict[Any, Any] = {}  # what the wrapper's own state gets, as in torch
@@ -787,6 +795,11 @@ class ZeroRedundancyOptimizer(Optimizer, Joinable):
 
         # validates group counts/sizes before changing anything
         Optimizer.load_state_dict(self, {**state_dict, "state": kept})
+        # torch.optim semantics: the dict replaces the whole state, so a parameter it has no state
+        # for loses what it had (a rollback to a checkpoint older than that state); torch's ZeRO
+        # keeps it. Entries kept stay where they were, as in torch's update.
+        for param in [p for p in self.optim.state if p not in local]:
+            del self.optim.state[param]
         for param, value in local.items():
             self.optim.state[param] = value
 

@@ -6,7 +6,8 @@ torch.optim.LBFGS keeps all of this inside its class. Here the class (optparity.
 only flattens the parameters and owns the state dict; it hands `lbfgs()` a `FlatParams`.
 Every floating-point operation, every choice between a Python number and a 0-dim tensor
 (`t`, `H_diag`, the line-search values mix both) and every comparison is torch 2.13's, in its
-order: bits depend on them.
+order: bits depend on them. torch 2.14 added `maximize` (the loss and the flat gradient negated
+where they are read); `lbfgs(maximize=True)` follows it, and the class offers it from 2.14 only.
 """
 from __future__ import annotations
 
@@ -196,26 +197,28 @@ def two_loop_direction(flat_grad, old_dirs, old_stps, ro, H_diag, al):
     return r
 
 
-def _directional_evaluate(flat: FlatParams, closure, x, t, d):
-    """Loss and flat grad at x + t*d; the params are put back to x afterwards."""
+def _directional_evaluate(flat: FlatParams, closure, x, t, d, maximize: bool = False):
+    """Loss and flat grad at x + t*d (both negated when maximizing); the params are put back to x
+    afterwards."""
     flat.add(t, d)
     loss = float(closure())
     flat_grad = flat.gather_grad()
     flat.restore(x)
-    return loss, flat_grad
+    return (-loss if maximize else loss), flat_grad
 
 
 def lbfgs(flat: FlatParams, closure, state: dict, *, lr, max_iter: int, max_eval: int,
           tolerance_grad: float, tolerance_change: float, line_search_fn: str | None,
-          history_size: int):
+          history_size: int, maximize: bool = False):
     """One LBFGS.step(closure): up to max_iter iterations and max_eval closure calls.
     `state` is the optimizer's (global) state, updated in place with torch's keys; `closure`
-    must already run with grad enabled. Returns the closure's first loss."""
+    must already run with grad enabled. Returns the closure's first loss. With `maximize` (torch
+    2.14+) the losses are negated here and `flat.gather_grad` must return the negated gradient."""
     state.setdefault("func_evals", 0)
     state.setdefault("n_iter", 0)
 
     orig_loss = closure()
-    loss = float(orig_loss)
+    loss = -float(orig_loss) if maximize else float(orig_loss)
     current_evals = 1
     state["func_evals"] += 1
 
@@ -264,7 +267,8 @@ def lbfgs(flat: FlatParams, closure, state: dict, *, lr, max_iter: int, max_eval
                 raise RuntimeError("only 'strong_wolfe' is supported")
             x_init = flat.snapshot()
             loss, flat_grad, t, ls_func_evals = strong_wolfe(
-                functools.partial(_directional_evaluate, flat, closure), x_init, t, d, loss, flat_grad, gtd,
+                functools.partial(_directional_evaluate, flat, closure, maximize=maximize),
+                x_init, t, d, loss, flat_grad, gtd,
                 max_ls=max_eval - current_evals)
             flat.add(t, d)
             opt_cond = flat_grad.abs().max() <= tolerance_grad
@@ -272,7 +276,8 @@ def lbfgs(flat: FlatParams, closure, state: dict, *, lr, max_iter: int, max_eval
             flat.add(t, d)
             if n_iter != max_iter:  # the last iteration's loss would be thrown away: skip it
                 with torch.enable_grad():
-                    loss = float(closure())
+                    loss = closure()
+                loss = -float(loss) if maximize else float(loss)
                 flat_grad = flat.gather_grad()
                 opt_cond = flat_grad.abs().max() <= tolerance_grad
                 ls_func_evals = 1

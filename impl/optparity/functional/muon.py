@@ -3,7 +3,12 @@
 Momentum is kept with `lerp_` (Nesterov: the grad lerped towards the buffer), then the update
 is orthogonalised by a quintic Newton-Schulz iteration run in bfloat16, whatever the param's
 dtype, on the wide orientation of the matrix (a tall one is transposed there and back). The
-param then gets decoupled weight decay and the update scaled by a shape-dependent lr."""
+param then gets decoupled weight decay and the update scaled by a shape-dependent lr.
+
+Follows the installed torch where upstream changed after 2.13 (optparity.versions): from 2.14 the
+iteration starts from a bfloat16 *copy* (2.13's `.bfloat16()` is the tensor itself when it is
+already bfloat16, so the in-place normalisation wrote into it: a bfloat16 momentum buffer without
+Nesterov), and adjust_lr_fn "spectral_unclamped" (sqrt(A/B)) exists."""
 from __future__ import annotations
 
 import math
@@ -11,6 +16,7 @@ import math
 import torch
 from torch import Tensor
 
+from optparity import versions
 from optparity.functional._common import to_scalar
 
 __all__ = ["muon", "zeropower_via_newtonschulz", "adjust_lr"]
@@ -20,6 +26,9 @@ DEFAULT_A = 3.4445
 DEFAULT_B = -4.7750
 DEFAULT_C = 2.0315
 DEFAULT_NS_STEPS = 5
+# torch 2.14 changed these (module docstring)
+COPIES_INPUT = versions.at_least("2.14")
+ADJUST_LR_FNS = ("original", "match_rms_adamw") + (("spectral_unclamped",) if versions.at_least("2.14") else ())
 
 
 def zeropower_via_newtonschulz(grad: Tensor, ns_coefficients: tuple[float, float, float],
@@ -33,7 +42,7 @@ def zeropower_via_newtonschulz(grad: Tensor, ns_coefficients: tuple[float, float
         raise ValueError("Coefficients must be a tuple of exactly 3 values")
     a, b, c = ns_coefficients
     tall = grad.size(0) > grad.size(1)
-    x = grad.bfloat16()
+    x = grad.to(dtype=torch.bfloat16, copy=True) if COPIES_INPUT else grad.bfloat16()
     if tall:
         x = x.T  # iterate on the smaller Gram matrix
     x.div_(x.norm().clamp(min=eps))
@@ -49,12 +58,15 @@ def zeropower_via_newtonschulz(grad: Tensor, ns_coefficients: tuple[float, float
 
 def adjust_lr(lr: float, adjust_lr_fn: str | None, param_shape: torch.Size) -> float:
     """The lr scaled for the matrix's shape: Keller Jordan's sqrt(max(1, A/B)) ("original",
-    the default) or Moonshot's 0.2*sqrt(max(A, B)) ("match_rms_adamw"); anything else: as is."""
+    the default), Moonshot's 0.2*sqrt(max(A, B)) ("match_rms_adamw"), from torch 2.14 Bernstein's
+    sqrt(A/B) ("spectral_unclamped"); anything else: as is."""
     rows, cols = param_shape[:2]
     if adjust_lr_fn is None or adjust_lr_fn == "original":
         ratio = math.sqrt(max(1, rows / cols))
     elif adjust_lr_fn == "match_rms_adamw":
         ratio = 0.2 * math.sqrt(max(rows, cols))
+    elif adjust_lr_fn == "spectral_unclamped" and "spectral_unclamped" in ADJUST_LR_FNS:
+        ratio = math.sqrt(rows / cols)
     else:
         ratio = 1.0
     return lr * ratio

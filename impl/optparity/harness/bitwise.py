@@ -25,6 +25,24 @@ _INT_VIEW = {
 }
 _EXACT_IN_DOUBLE = 1 << 53  # below this an ULP count held in a float64 is exact
 
+REL_ERROR_CAP = 1e3  # a relative error beyond this says only "the reference is (near) zero"
+
+
+def readable_ulp(n: int | None) -> str:
+    """An ULP count for people: exact up to 2^53, "huge (>2^53)" beyond (a sign flip or a
+    value near zero against one that is not; the exact figure stays in JSON)."""
+    if n is None:
+        return "-"
+    return str(n) if n <= _EXACT_IN_DOUBLE else "huge (>2^53)"
+
+
+def readable_rel(x: float | None) -> str:
+    """A relative error for people: capped at REL_ERROR_CAP (the exact figure stays in JSON)."""
+    if x is None:
+        return "-"
+    return f"{x:.3g}" if x <= REL_ERROR_CAP else f">{REL_ERROR_CAP:.0e} (reference near zero)"
+
+
 # Kinds of element mismatch.
 VALUE, NAN, INF = "value", "nan", "inf"
 
@@ -57,13 +75,14 @@ class Difference:
             return f"{self.reason} differs: candidate {self.candidate}, reference {self.reference}"
         if not self.numeric:
             return f"value differs: candidate {self.candidate}, reference {self.reference}"
-        at = {VALUE: f"{self.ulp} ulp", NAN: "NaN vs a number", INF: "infinity mismatch"}[self.kind]
+        at = {VALUE: f"{readable_ulp(self.ulp)} ulp", NAN: "NaN vs a number", INF: "infinity mismatch"}[self.kind]
         if self.ulp is None and self.kind == VALUE:
             at = "not a float"
         text = (f"element {list(self.index)}: candidate {self.candidate!r} vs reference {self.reference!r} "
                 f"(abs err {self.abs_error:.3g}, {at}; {self.mismatched} element(s) differ")
         if self.max_ulp is not None:
-            text += f", max {self.max_ulp} ulp at {list(self.worst_index)}, max rel err {self.max_rel_error:.3g}"
+            text += (f", max {readable_ulp(self.max_ulp)} ulp at {list(self.worst_index)}, "
+                     f"max rel err {readable_rel(self.max_rel_error)}")
         if self.nan_mismatches:
             text += f", {self.nan_mismatches} NaN vs number"
         if self.inf_mismatches:

@@ -89,12 +89,37 @@ def kind_of(obj: Any) -> str:
             return "optimizer"
         raise TypeError(f"{obj.__qualname__} has no step() method")
     if callable(obj):
+        _check_kernel(obj)
         return "kernel"
     raise TypeError(f"{obj!r} is neither an optimizer class nor a functional kernel")
 
 
+def _check_kernel(fn: Any) -> None:
+    """A functional kernel takes the parameters, their gradients and their state (adam(params,
+    grads, exp_avgs, ...)): a callable of fewer than two parameters (math.sqrt, print) is not one."""
+    name = getattr(fn, "__qualname__", repr(fn))
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} is not an optimizer: its signature cannot be read, and an optimizer is a class "
+                        f"with step() or a functional kernel taking (params, grads, ...)") from None
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
+    if len(positional) < 2 and not any(p.kind is p.VAR_POSITIONAL for p in positional):
+        raise TypeError(f"{name} is not an optimizer: expected a class with step() or a functional kernel taking "
+                        f"(params, grads, ...), got a callable of {len(positional)} positional parameter(s)")
+
+
 def algorithm_of(obj: Any) -> str | None:
-    return algorithms.canonical_name(getattr(obj, "__name__", ""))
+    """The algorithm an object's name says, else (a class) the first torch.optim or optparity
+    class it derives from: `class MyAdamW(torch.optim.AdamW)` is AdamW."""
+    found = algorithms.canonical_name(getattr(obj, "__name__", ""))
+    if found is None and inspect.isclass(obj):
+        for base in obj.__mro__[1:]:
+            if base.__module__.startswith(("torch.optim", "optparity.optim")):
+                found = algorithms.canonical_name(base.__name__)
+                if found is not None:
+                    break
+    return found
 
 
 def class_for_kernel(kernel, algo: str) -> type:

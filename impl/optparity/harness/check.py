@@ -11,6 +11,7 @@ import collections
 import dataclasses
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import threading
@@ -91,6 +92,7 @@ class Plan:
     reference: Subject
     cases: list[matrix.Case]
     run_options: dict = field(default_factory=dict)  # keyword arguments for runner.run_case
+    notes: list = field(default_factory=list)  # what prepare() changed (configurations --hyper made the same)
 
     def new_report(self) -> CheckReport:
         return CheckReport(self.candidate.label, self.reference.label, planned=len(self.cases))
@@ -193,6 +195,9 @@ def prepare(candidate: Any, reference: Any = None, *, algorithm: str | None = No
                               device=on, reference_device=ref_on)
     elif device is not None or ref_on is not None:
         cases = [dataclasses.replace(c, device=on, reference_device=ref_on) for c in cases]  # seeds kept
+    notes = []
+    if run_options.get("hyper"):
+        cases, notes = pinned(cases, run_options["hyper"])
     if case_filter:
         cases = [c for c in cases if runner.matches_filter(c.id, case_filter)]
         if not cases:
@@ -201,7 +206,26 @@ def prepare(candidate: Any, reference: Any = None, *, algorithm: str | None = No
         raise NoCases(_no_cases(algo, paths, dtypes, param_sets, (on,) if ref_on is None else (on, ref_on)))
     for where in sorted({d for c in cases for d in (c.device, c.reference_device) if d not in (None, "cpu", on)}):
         resolve_device("case device", where)  # cases given with a device of their own
-    return Plan(cand, ref, list(cases), run_options)
+    return Plan(cand, ref, list(cases), run_options, notes)
+
+
+def pinned(cases: list, hyper: dict) -> tuple[list, list[str]]:
+    """The cases with --hyper's values in their configurations (so ids say what runs; seeds kept),
+    and the configurations it makes identical dropped, said so in the returned notes."""
+    out, seen, dropped = [], {}, collections.Counter()
+    for case in cases:
+        config = {**case.config, **hyper}
+        moved = dataclasses.replace(case, config=config, second_group=dict(case.second_group))
+        moved.seed = case.seed
+        key = re.sub(r"/c\d+\[", "/c[", moved.id)
+        if key in seen:
+            dropped[(seen[key], case.config_index)] += 1
+            continue
+        seen[key] = case.config_index
+        out.append(moved)
+    notes = [f"--hyper {', '.join(f'{k}={v!r}' for k, v in hyper.items())} makes configuration c{b} the same as "
+             f"c{a}: its {n} cases not run twice" for (a, b), n in sorted(dropped.items())]
+    return out, notes
 
 
 def _check_run_options(run_options: dict) -> None:
@@ -224,6 +248,7 @@ def check(candidate: Any, reference: Any = None, *, algorithm: str | None = None
           workers: int = 1, timeout: float | None = None,
           progress: Callable[[CaseResult], None] | None = None, hyper: dict | None = None,
           numerics_only: bool = False, case_filter: str | None = None, max_ulp: int | None = None,
+          kind: str | None = None, world_sizes=None, backend: str | None = None,
           **run_options) -> CheckReport:
     """Compare `candidate` with `reference` (default: torch.optim's class of the same name).
 
@@ -239,7 +264,17 @@ def check(candidate: Any, reference: Any = None, *, algorithm: str | None = None
     differences are reported but do not fail, and state dicts are not cross-loaded; case_filter: a
     substring or regular expression over case ids; max_ulp: numeric differences of at most that many
     ULPs (no NaN/inf mismatch) pass as "within tolerance" (default: bit for bit).
+    kind / world_sizes / backend: a distributed optimizer over that many ranks (kind "zero",
+    "local-sgd", "fsdp", "fsdp1", "adapter"; harness/distributed/, docs/distributed-check.md).
     """
+    if kind is not None or world_sizes is not None or backend is not None:
+        from optparity.harness.distributed.engine import check as distributed_check
+
+        return distributed_check(candidate, reference, kind=kind, world_sizes=world_sizes, backend=backend,
+                                 algorithm=algorithm, level=level, paths=paths, dtypes=dtypes,
+                                 param_sets=param_sets, steps=steps, fail_fast=fail_fast, timeout=timeout,
+                                 progress=progress, hyper=hyper, numerics_only=numerics_only,
+                                 case_filter=case_filter, max_ulp=max_ulp, **run_options)
     plan = prepare(candidate, reference, algorithm=algorithm, level=level, paths=paths, dtypes=dtypes,
                    param_sets=param_sets, steps=steps, cases=cases, case_filter=case_filter,
                    hyper=dict(hyper or {}), numerics_only=numerics_only, max_ulp=max_ulp, **run_options)

@@ -24,9 +24,12 @@ changed parameter set or RNG is told apart from drift. <digest> (48 bits, over e
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -54,6 +57,43 @@ def environment() -> dict[str, str]:
     return {"torch": torch.__version__, "python": platform.python_version(),
             "platform": f"{platform.system()}-{platform.machine()}",
             "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+@functools.cache
+def forced_capability() -> str | None:
+    """The CPU's own ATen capability when ATEN_CPU_CAPABILITY forces a narrower one, else None.
+    Forcing narrows only ATen's own dispatch: other kernels still use the CPU's width (an AVX512
+    machine forced to avx2 drifted on 84 of Adam's 478 recorded AVX2 cases), so such a run cannot
+    be compared with goldens of a machine of the forced capability. Asked of a child without the
+    variable (only when it is set)."""
+    if not os.environ.get("ATEN_CPU_CAPABILITY"):
+        return None
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    try:
+        out = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+                             env=env, capture_output=True, text=True, timeout=300).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out if out and out != torch.backends.cpu.get_cpu_capability() else None
+
+
+def machine_dir(directory: Path) -> Path:
+    """Where this machine type's goldens go by default: DIR-<platform>-<capability>, next to DIR."""
+    env = environment()
+    return directory.with_name(f"{directory.name}-{env['platform']}-{env['cpu_capability']}".lower())
+
+
+def record_hint(directory: Path, check_command: str, record_options: str = "") -> str:
+    """The one line that tells how to compare on this machine type: record here, then check."""
+    env = environment()
+    out = machine_dir(directory)
+    try:
+        out = out.relative_to(Path.cwd())
+    except ValueError:
+        pass
+    return (f"goldens for this machine ({env['platform']}, CPU capability {env['cpu_capability']}): record them "
+            f"once with `optparity reference record --out {out}{record_options}`, then run "
+            f"`{check_command} --golden {out}`")
 
 
 class GoldenError(Exception):
@@ -500,6 +540,7 @@ class GoldenReport:
     skipped: int = 0
     drift: list[Drift] = field(default_factory=list)
     incomparable: list[str] = field(default_factory=list)  # why some or all could not be compared
+    other_machine: bool = False  # recorded on another machine type (record_hint says what to do)
 
     @property
     def exit_code(self) -> int:
@@ -634,10 +675,18 @@ def check_against(candidate: Any, golden: Path | GoldenFile | None = None, refer
         return report
     differ = [f"{k} {gfile.env[k]!r} (running: {running[k]!r})" for k in COMPARABLE_KEYS if gfile.env[k] != running[k]]
     if differ:
+        report.other_machine = True
         report.incomparable.append(
             "recorded under another " + " and ".join(differ) + "; torch's kernels differ by CPU capability "
-            "and platform, so these fingerprints cannot be compared here (this is not drift): record "
-            "goldens on this machine type")
+            "and platform, so these fingerprints cannot be compared here (this is not drift)")
+        return report
+    native = forced_capability()
+    if native:
+        report.other_machine = True
+        report.incomparable.append(
+            f"ATEN_CPU_CAPABILITY={os.environ['ATEN_CPU_CAPABILITY']} forces {running['cpu_capability']} on a "
+            f"{native} CPU, but kernels outside ATen's dispatch keep the CPU's width, so a forced run does not "
+            f"reproduce a {running['cpu_capability']} machine's bits (this is not drift); unset it")
         return report
     algo = algo or gfile.algorithm
     cand.algorithm = cand.algorithm or algo
@@ -724,12 +773,33 @@ def run_golden_check(args, pairs: list[tuple[str, str | None]] | None = None, dt
         if args.fail_fast and report.drift:
             break
     code = exit_code(reports)
+    if any(r.other_machine for r in reports):
+        print(record_hint(directory, *_hint_commands(args, reports)))
     if len(reports) > 1:
         print(f"\nall: {len(reports)} candidates, {sum(r.checked for r in reports)} cases checked, "
               f"{sum(len(r.drift) for r in reports)} drift, "
               f"{sum(1 for r in reports if r.incomparable)} candidate(s) not fully comparable: "
               + {0: "same bits", 1: "DRIFT", 2: "CANNOT COMPARE"}[code])
     return code
+
+
+def _hint_commands(args, reports) -> tuple[str, str]:
+    """(the check command the user ran, without --golden; options narrowing the recording to it)."""
+    command = "optparity reference check" if getattr(args, "reference_command", None) else "optparity check"
+    level = getattr(args, "level", None)
+    level_option = f" --level {level}" if level not in (None, "default") else ""
+    if getattr(args, "all", False):
+        return f"{command} --all{level_option}", level_option
+    algos = sorted({a for r in reports if (a := _algorithm_of(r))})
+    record = (f" --algorithms {','.join(algos)}" if algos else "") + level_option
+    return f"{command} --candidate {args.candidate}" + (f" --reference {args.reference}" if args.reference else "") \
+        + level_option, record
+
+
+def _algorithm_of(report) -> str | None:
+    from optparity.harness.algorithms import canonical_name
+
+    return canonical_name(report.reference.rpartition(":")[2].rpartition(".")[2])
 
 
 def _run_record(args) -> int:

@@ -11,6 +11,7 @@ import pandas as pd
 from optparity.harness.check import CheckReport
 from optparity.harness.matrix import format_config
 from optparity.harness.runner import Verdict
+from optparity import versions
 
 COLOURS = {
     Verdict.BIT_IDENTICAL: "#2e7d32", Verdict.WITHIN_TOLERANCE: "#9ccc65", Verdict.NUMERICS_DIFFER: "#c62828",
@@ -124,7 +125,7 @@ def _case_section(result, anchor: str, image: str | None) -> str:
 
 def write_html(reports: CheckReport | list[CheckReport], out_dir: str | Path) -> Path:
     """DIR/index.html plus one PNG per plotted case; returns the page's path."""
-    from optparity.harness.report import counts, rejected_options
+    from optparity.harness.report import counts, rejected_options, version_drift_line
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -132,7 +133,8 @@ def write_html(reports: CheckReport | list[CheckReport], out_dir: str | Path) ->
     page = ["<!doctype html><html><head><meta charset='utf-8'><title>optparity check</title>",
             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:11px}"
             "td,th{border:1px solid #ddd;padding:2px 5px}.grid td{min-width:1.6em}img{max-width:100%}"
-            "code{font-size:11px}</style></head><body><h1>optparity check</h1>", f"<p>{_legend()}</p>"]
+            "code{font-size:11px}</style></head><body><h1>optparity check</h1>",
+            f"<p>compared against: {html.escape(versions.compared_against())}</p>", f"<p>{_legend()}</p>"]
     for n, report in enumerate(reports):
         per = counts(report.results)
         differing = [r for r in report.results if r.verdict not in
@@ -141,6 +143,8 @@ def write_html(reports: CheckReport | list[CheckReport], out_dir: str | Path) ->
         page += [f"<h2>{html.escape(report.candidate)} against {html.escape(report.reference)}: "
                  f"{'OK' if report.ok else 'differs'}</h2>",
                  "<p>" + ", ".join(f"{html.escape(Verdict.LABELS[v])}: {k}" for v, k in per.items() if k) + "</p>"]
+        if (drift := version_drift_line(report)):
+            page.append(f"<p><b>{html.escape(drift)}</b></p>")
         rejected = rejected_options(report.results)
         if rejected:
             page.append("<p>options the candidate rejected: "

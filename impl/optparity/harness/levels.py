@@ -104,6 +104,7 @@ def select(name: str, algorithm: str, *, paths=None, dtypes=None, param_sets=Non
     candidate and the reference run (matrix.build_cases); the same selection on every device."""
     lv = level(name)
     complex_widths = ()
+    asked = None if dtypes is None else tuple(dtypes)
     if dtypes is None:
         dtypes = lv.dtypes if spec(algorithm).low_precision else tuple(d for d in lv.dtypes if d not in LOW_PRECISION)
     elif any(d.is_complex for d in dtypes):
@@ -119,8 +120,25 @@ def select(name: str, algorithm: str, *, paths=None, dtypes=None, param_sets=Non
     cases = matrix.build_cases([algorithm], tuple(paths or matrix.PATHS), tuple(dtypes),
                                tuple(param_sets), steps, device=device,
                                reference_device=reference_device, triples=lv.name == "full")
-    kept = {id(c) for c in lv.edge([c for c in cases if axis_of(c) != "base"])}
+    edges = [c for c in cases if axis_of(c) != "base"]
+    if asked is not None:  # --dtypes filters the edge cases too (they pick their own dtypes otherwise)
+        edges = [c for c in edges if _edge_dtype_asked(c, dtypes)]
+    kept = {id(c) for c in lv.edge(edges)}
     cases = [c for c in cases if axis_of(c) == "base" or id(c) in kept]
     if complex_widths:
         cases = [c for c in cases if c.dtype in real or (c.param_set == "complex" and c.dtype in complex_widths)]
     return cases
+
+
+def _edge_dtype_asked(case, dtypes) -> bool:
+    """An edge case's dtype is among `dtypes`; the mixed-dtype set's low-precision members (its
+    float32 form holds bfloat16 and float16 tensors) only when a low-precision dtype is asked for."""
+    if case.dtype not in dtypes:
+        return False
+    if "+dtype_mix+" in case.param_set:  # a composed mix (harness/covering.py): its second dtype too
+        from optparity.harness.params import OTHER_DTYPE
+
+        return OTHER_DTYPE[case.dtype] in dtypes
+    if case.param_set == "dtype_mix" and case.dtype == torch.float32 and spec(case.algorithm).low_precision:
+        return any(d in LOW_PRECISION for d in dtypes)
+    return True

@@ -31,14 +31,26 @@ CROSS_LOAD = 8
 # After LR_CHANGE steps every group's lr is halved, as a scheduler would: hyperparameters must be
 # read from the param groups at every step, not cached.
 LR_CHANGE = 6
+# The rollback axis: each side's state_dict is saved after the first step of each pair (0: before any
+# step, when no parameter has state yet) and loaded back into the same, since trained, optimizer after
+# the second. torch.optim's load_state_dict replaces the whole state: state newer than the checkpoint
+# must go, also for parameters the checkpoint has none for.
+ROLLBACKS = ((0, 5), (3, 7))
 
 
 def configs(algo: str, device: str = "cpu") -> list[dict]:
-    """torch's own test configurations, then ours (harness/algorithms/<algo>.py); on CUDA also the
-    ones torch's tests run on CUDA only (the description's cuda_configs, after the rest: CPU indices unchanged)."""
+    """torch's own test configurations, then ours (harness/algorithms/<algo>.py), then those the
+    installed torch's tests add when it is not the mirrored release (harness/torch_tests.py); on
+    CUDA also the ones torch's tests run on CUDA only (the description's cuda_configs, after the
+    rest: CPU indices unchanged)."""
+    from optparity.harness.torch_tests import configs_added_by_installed_torch
+
     cfgs = spec(algo).configs()
+    # on a release optparity does not mirror, the installed torch's tests may add configurations
+    cfgs += configs_added_by_installed_torch(algo, "cpu", cfgs)
     if device_type(device) == "cuda":
         cfgs += [c for c in spec(algo).cuda_configs if not any(same_config(c, d) for d in cfgs)]
+        cfgs += configs_added_by_installed_torch(algo, "cuda", cfgs)
     return cfgs
 
 
@@ -187,7 +199,7 @@ def _upstream_nondeterministic(algo: str, config: dict, path: str, dtype: torch.
     """Cases whose reference is not deterministic, so no candidate can match it bit for bit:
     torch 2.13's fused CPU SGD with momentum on float16/bfloat16 tensors of 64+ elements gives a
     different momentum_buffer from run to run (an element now and then is garbage, e.g. -inf) from
-    the second step on (README, "What the harness found upstream")."""
+    the second step on (docs/upstream-findings.md)."""
     low = dtype in (torch.float16, torch.bfloat16) or pset == "dtype_mix" or (
         # a composed mix (harness/params.py) brings bfloat16 beside float32
         pset.startswith("cover:") and "+dtype_mix+" in pset and dtype == torch.float32)
@@ -247,11 +259,11 @@ def build_cases(algorithms=ALGORITHMS, paths=PATHS, dtypes=DTYPES, param_sets=PA
     return cases
 
 
-# --- Edge axes: the conditions kernels break under, each on a chosen subset (the README's case
-# matrix says which case covers which condition and why). Cheap ones run at the default level,
+# --- Edge axes: the conditions kernels break under, each on a chosen subset (docs/matrix.md
+# says which case covers which condition and why). Cheap ones run at the default level,
 # expensive ones (huge tensors, long runs, every configuration) only at the full level.
 EDGE_AXES = ("low_precision", "sizes", "tensor_count", "layouts", "values", "lengths", "threads",
-             "dtype_mix", "amp", "default_dtype")
+             "dtype_mix", "amp", "default_dtype", "rollback")
 LONG_RUN = 300  # steps of the cheap long run; the full level runs FULL_LONG_RUN
 FULL_LONG_RUN = 1000
 THREADS = 2  # several intra-op threads (the full level adds 3: chunks not a multiple of a vector)
@@ -283,6 +295,9 @@ def _edge_plan(algo: str):
         ("amp", "cheap", rep, kernels, _F32 + lowp[:1], base_set, STEPS, {"amp": True}),
         ("amp", "cheap", first, ("fused",), lowp, base_set, STEPS, {"amp": True}),
         ("amp", "expensive", every, PATHS, _F32 + lowp, base_set, STEPS, {"amp": True}),
+        # a state_dict loaded into the optimizer that saved it, steps later (ROLLBACKS)
+        ("rollback", "cheap", first, PATHS, _F32, base_set, STEPS, {}),
+        ("rollback", "expensive", rep, PATHS, (torch.float64,), base_set, STEPS, {}),
     ]
     if lowp:
         plan += [("low_precision", "cheap", rep, PATHS, lowp, base_set, STEPS, {})]

@@ -167,6 +167,16 @@ def _load_and_consume(self, state_dict):
 
 
 
+def _load_keeping_stale_state(self, state_dict):
+    """load_state_dict that merges into the current state (as torch's ZeroRedundancyOptimizer
+    does): a parameter the dict has no state for keeps its own."""
+    before = dict(self.state)
+    type(self).__mro__[1].load_state_dict(self, state_dict)
+    for p, st in before.items():
+        if p not in self.state:
+            self.state[p] = st
+
+
 def _negate_caller_grad(opt):
     """before(): for maximize groups, negate the caller's .grad in place and step with maximize off
     (the same numbers reach the parameters; the caller's gradient is left negated)."""
@@ -280,6 +290,10 @@ def _edge_mutants() -> tuple[EdgeMutant, ...]:
           _edge_class("Adam", methods={"state_dict": _state_dict_without_post_hooks}), lambda c: True),
         E("edge_adam_load_consumes_dict", "Adam", "load_state_dict", "load_state_dict (empties the caller's dict)",
           _edge_class("Adam", methods={"load_state_dict": _load_and_consume}), lambda c: True),
+        E("edge_adam_rollback_keeps_stale_state", "Adam", "rollback",
+          "a state_dict loaded into an optimizer that trained since (newer state kept)",
+          _edge_class("Adam", methods={"load_state_dict": _load_keeping_stale_state}),
+          lambda c: c.axis == "rollback"),
     ]
     if spec("SGD").sparse_grads:
         out.append(E("edge_sgd_sparse", "SGD", "sparse", "sparse gradients",

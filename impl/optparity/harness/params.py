@@ -198,7 +198,7 @@ def _make_grads(pset: ParamSet, seed: int, step: int) -> list[Tensor | None]:
     return grads
 
 
-# --- Edge-condition sets (harness/matrix.py's axes; the README's case matrix says which case
+# --- Edge-condition sets (harness/matrix.py's axes; docs/matrix.md says which case
 # covers which condition). Each builds its own gradients, drawn per (seed, step) like the rest.
 
 CHUNK = 65536  # elements per chunk of torch's chunked multi-tensor kernels

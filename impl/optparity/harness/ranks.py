@@ -97,7 +97,7 @@ class RankPool:
     """`world_size` spawned ranks in one process group, reused across calls."""
 
     def __init__(self, world_size: int, backend: str | None = None, timeout: float = 60.0,
-                 collective_timeout: float = 20.0):
+                 collective_timeout: float = 20.0, start_method: str = "spawn"):
         if world_size < 1:
             raise ValueError(f"world_size must be at least 1, got {world_size}")
         self.world_size = world_size
@@ -107,10 +107,13 @@ class RankPool:
         self.timeout = timeout
         self.collective_timeout = collective_timeout
         self._calls = 0
+        # "fork" skips each rank's torch import (seconds per rank); only for a parent that has not
+        # started CUDA or OpenMP threads (harness/distributed/engine.py checks that first)
+        self.start_method = start_method
         self._start()
 
     def _start(self) -> None:
-        ctx = mp.get_context("spawn")
+        ctx = mp.get_context(self.start_method)
         self._results = ctx.Queue()
         self._tasks = [ctx.Queue() for _ in range(self.world_size)]
         port = _free_port()

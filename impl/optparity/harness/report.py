@@ -13,7 +13,9 @@ import pandas as pd
 
 from optparity.harness.check import CheckReport
 from optparity.harness.matrix import format_config
+from optparity.harness.bitwise import readable_rel, readable_ulp
 from optparity.harness.runner import Verdict
+from optparity import versions
 
 
 def _div(d):
@@ -33,7 +35,9 @@ def row(r) -> dict:
         "hung_step": r.hung_step, "seconds": round(r.seconds, 6), "message": r.message,
         "first_divergence": _div(r.divergence), "first_numeric_divergence": _div(r.first_numeric),
         "first_api_divergence": _div(r.first_api), "error": _div(r.error), "traceback": r.traceback or None,
-        "per_step": r.per_step or None,
+        "per_step": r.per_step or None, "shadow": r.shadow, "reference_suspect": r.reference_suspect or None,
+        "layout": r.layout or None, "outcome": outcome(r),
+        **(c.report_fields() if hasattr(c, "report_fields") else {}),  # distributed cases: world size, ...
     }
 
 
@@ -68,7 +72,9 @@ def summary_table(report: CheckReport) -> pd.DataFrame:
         n = grouped["verdict"].agg(lambda s, v=verdict: int((s == v).sum()))
         if n.any():
             table[_COLUMNS[verdict]] = n
-    table["worst_ulp"] = grouped["worst_ulp"].agg(lambda s: max(int(v) for v in s))
+    worst = grouped["worst_ulp"].agg(lambda s: max(int(v) for v in s))
+    # numbers stay numbers (right-aligned) unless one is past 2^53, shown as "huge (>2^53)"
+    table["worst_ulp"] = worst.map(readable_ulp) if any(v > 2 ** 53 for v in worst) else worst
     fused = grouped["fused_vs_forloop_ulp"].max()
     if fused.notna().any():
         table["fused_vs_forloop_ulp"] = fused.map(lambda v: "" if pd.isna(v) else int(v))
@@ -108,8 +114,31 @@ def _across_devices(results) -> list[str]:
     return [line + (f"; {nan_inf} NaN/inf mismatches" if nan_inf else "")]
 
 
+def version_drift(report: CheckReport) -> bool:
+    """optparity's own implementation differs from a torch release it does not mirror: upstream's
+    math moved between releases (reported as version drift, still a failure: never a silent pass)."""
+    return (bool(report.failed) and versions.is_optparity_subject(report.candidate)
+            and not versions.mirrors_installed())
+
+
+def version_drift_line(report: CheckReport) -> str | None:
+    if not version_drift(report):
+        return None
+    first = report.failed[0]
+    return (f"VERSION DRIFT: {report.candidate} mirrors torch {versions.MIRRORS_TORCH}, this is torch "
+            f"{versions.torch.__version__}: {len(report.failed)} cases differ, first {verdict_line(first)}")
+
+
+def _configs_note() -> list[str]:
+    from optparity.harness.torch_tests import note
+
+    line = note()
+    return [line] if line else []
+
+
 def format_text(report: CheckReport) -> str:
-    lines = [f"candidate: {report.candidate}", f"reference: {report.reference}", *_mode(report), ""]
+    lines = [f"candidate: {report.candidate}", f"reference: {report.reference}",
+             f"compared against: {versions.compared_against()}", *_configs_note(), *_mode(report), ""]
     table = summary_table(report)
     lines.append(table.to_string() if not table.empty else "(no cases)")
     lines.append("")
@@ -117,7 +146,7 @@ def format_text(report: CheckReport) -> str:
     n, per = len(results), counts(results)
     fails = report.failed
     lines.append(f"{n} cases, {per[Verdict.BIT_IDENTICAL]} bit-identical, {len(fails)} differ, "
-                 f"{per[Verdict.NOT_APPLICABLE]} not applicable; worst ULP distance {report.worst_ulp}; "
+                 f"{per[Verdict.NOT_APPLICABLE]} not applicable; worst ULP distance {readable_ulp(report.worst_ulp)}; "
                  f"{report.seconds:.2f} s ({report.cases_per_second:.0f} cases/s)")
     lines.append("by verdict: " + ", ".join(f"{Verdict.LABELS[v]} {k}" for v, k in per.items() if k))
     numeric = [r for r in results if r.verdict == Verdict.NUMERICS_DIFFER]
@@ -125,34 +154,192 @@ def format_text(report: CheckReport) -> str:
         maths = Counter(r.math for r in numeric)
         worst = max(numeric, key=lambda r: (r.worst_ulp, r.max_rel_error))
         lines.append(f"numerics: {maths.get('rounding-level', 0)} rounding-level, {maths.get('different math', 0)} "
-                     f"different math; max rel error {max(r.max_rel_error for r in numeric):.3g}; "
-                     f"worst {worst.worst_ulp} ulp in {worst.case.id}" + _where(worst.worst))
+                     f"different math; max rel error {readable_rel(max(r.max_rel_error for r in numeric))}; "
+                     f"worst {readable_ulp(worst.worst_ulp)} ulp in {worst.case.id}" + _where(worst.worst))
         nan_inf = sum(r.nan_mismatches + r.inf_mismatches for r in numeric)
         if nan_inf:
             lines.append(f"  NaN/inf mismatches (not counted as ULPs): "
                          f"{sum(r.nan_mismatches for r in numeric)} NaN vs number, "
                          f"{sum(r.inf_mismatches for r in numeric)} infinity")
     lines += _across_devices(results)
+    lines += _layout_lines(results)
+    cause = cause_lines(results)
+    if cause:
+        lines += ["by cause (what the failing cases have in common):", *cause]
+    suspects = [r for r in results if r.reference_suspect and r.verdict != Verdict.BIT_IDENTICAL]
+    if suspects:
+        lines.append(f"reference suspect in {len(suspects)} cases (torch's own path is known wrong or "
+                     f"nondeterministic there): " + "; ".join(sorted({r.reference_suspect for r in suspects})))
     rejected = rejected_options(results)
     if rejected:
         lines.append("options the candidate rejected (cases not applicable): "
                      + ", ".join(f"{o} ({k})" for o, k in rejected.items()))
     if fails:
         first = fails[0]
-        lines += ["", f"FIRST DIVERGENCE: {first.case.id}", f"  [{Verdict.LABELS[first.verdict]}] {first.message}"]
+        lines += ["", f"FIRST DIVERGENCE: {first.case.id}",
+                  f"  [{Verdict.LABELS[first.verdict]}] {shorten(first.message, 3 * SHORT)}"]
         d = first.divergence.difference if first.divergence else None
         if d is not None and d.numeric:
             lines.append(f"  candidate={d.candidate!r} reference={d.reference!r} abs_err={d.abs_error:.6g} "
-                         f"ulp={d.ulp} (worst over this case: {first.worst_ulp} ulp{_where(first.worst)})")
+                         f"ulp={readable_ulp(d.ulp)} (worst over this case: {readable_ulp(first.worst_ulp)} ulp"
+                         f"{_where(first.worst)})")
+        if (drift := version_drift_line(report)):
+            lines.append(drift)
     for verdict in (Verdict.NUMERICS_DIFFER, Verdict.API_DIFFERS, Verdict.ERROR_ONE_SIDE, Verdict.HUNG,
                     Verdict.SAME_ERROR):
         firsts = [r for r in results if r.verdict == verdict]
         if firsts and not (fails and firsts[0] is fails[0]):
-            lines.append(f"first {Verdict.LABELS[verdict]}: {verdict_line(firsts[0])}")
+            lines.append(f"first {Verdict.LABELS[verdict]}: {shorten(verdict_line(firsts[0]), 2 * SHORT)}")
     skips = [r for r in results if r.verdict == Verdict.NOT_APPLICABLE]
     if skips and not rejected:
-        lines += ["", "not applicable: " + "; ".join(sorted({r.message for r in skips}))]
+        lines += ["", "not applicable: " + "; ".join(shorten(m) for m in sorted({r.message for r in skips}))]
     return "\n".join(lines)
+
+
+# --- by configuration and by cause ------------------------------------------------------------
+
+SHORT = 240  # characters of a message in the terminal summary (JSON and HTML keep it whole)
+
+
+def shorten(text: str, limit: int = SHORT) -> str:
+    """`text` cut to about `limit` characters, each side of a "candidate: ... | reference: ..."
+    pair on its own (a backend list torch prints in both would fill the screen)."""
+    if len(text) <= limit:
+        return text
+    if " | " in text:
+        parts = text.split(" | ")
+        return " | ".join(shorten(p, max(limit // len(parts), 80)) for p in parts)
+    return text[:limit].rstrip() + f"... ({len(text)} chars, whole in --json)"
+
+
+def outcome(r) -> str | None:
+    """What a case came to, as a cause is named: None for a case whose numbers match."""
+    if r.numbers_match and r.verdict != Verdict.API_DIFFERS:
+        return None
+    if r.verdict == Verdict.NUMERICS_DIFFER:
+        return f"numerics differ ({r.math})" if r.math else "numerics differ"
+    if r.verdict == Verdict.NOT_APPLICABLE:
+        return f"not applicable (rejects {', '.join(r.rejected_options)})" if r.rejected_options else "not applicable"
+    if r.verdict in (Verdict.ERROR_ONE_SIDE, Verdict.SAME_ERROR) and r.error is not None:
+        text = r.error.message.split(" | ")[0].removeprefix("candidate: ").removeprefix("both raised ")
+        first = text.splitlines()[0] if text else ""
+        return f"{Verdict.LABELS[r.verdict]} ({shorten(first, 90)})"
+    if r.verdict == Verdict.API_DIFFERS and r.layout:
+        return "state-dict layout differs (numbers identical)"
+    return Verdict.LABELS[r.verdict]
+
+
+def _features(case) -> list[str]:
+    """What tells cases apart, options first: each config item, then parameter set, dtype, path, axis."""
+    items = [format_config({k: v}) for k, v in case.config.items()]
+    items += [f"param_set={case.param_set}", f"dtype={str(case.dtype).replace('torch.', '')}", f"path={case.path}"]
+    if getattr(case, "axis", "base") != "base":
+        items.append(f"axis={case.axis}")
+    return items
+
+
+def causes(results) -> list[dict]:
+    """Each failing outcome explained by what its cases have in common: greedily, the case feature
+    (a config item, the parameter set, dtype, path or edge axis) present in the most remaining
+    cases of that outcome and in (almost, 90%) no case without it. One row per (outcome, feature);
+    the cases no feature explains in a last row with feature None."""
+    feats = [set(_features(r.case)) for r in results]
+    outcomes = [outcome(r) for r in results]
+    # a case that errs or is not applicable shows no numbers: it neither supports nor contradicts
+    # a cause of numeric or layout outcomes
+    silent = {i for i, r in enumerate(results) if r.verdict in _SILENT}
+    rows = []
+    for label, _ in Counter(o for o in outcomes if o).most_common():
+        mine = {i for i, o in enumerate(outcomes) if o == label}
+        ignored = silent - mine if not mine & silent else set()
+        if len(mine) == len(results):
+            rows.append({"outcome": label, "cases": len(mine), "feature": None, "of_feature": len(mine), "all": True})
+            continue
+        left = set(mine)
+        for _ in range(4):
+            best = None
+            for f in sorted({f for i in left for f in feats[i]}):
+                having = {i for i, fs in enumerate(feats) if f in fs} - ignored
+                hit = len(having & left)
+                if len(having & mine) >= 0.9 * len(having) and hit >= 2 and (best is None or hit > best[1]):
+                    best = (f, hit, having)
+            if best is None:
+                break
+            f, hit, having = best
+            rows.append({"outcome": label, "cases": hit, "feature": f, "of_feature": len(having), "all": False})
+            left -= having
+        if left:
+            rows.append({"outcome": label, "cases": len(left), "feature": None, "of_feature": None, "all": False,
+                         "first": results[min(left)].case.id})
+    return rows
+
+
+_SILENT = (Verdict.ERROR_ONE_SIDE, Verdict.SAME_ERROR, Verdict.NOT_APPLICABLE, Verdict.HUNG)
+
+
+def cause_lines(results) -> list[str]:
+    out = []
+    for row in causes(results):
+        if row["all"]:
+            out.append(f"  {row['outcome']}: every case ({row['cases']})")
+        elif row["feature"]:
+            out.append(f"  {row['outcome']}: {row['cases']} cases, those with {row['feature']} "
+                       f"({row['cases']} of its {row['of_feature']})")
+        else:
+            out.append(f"  {row['outcome']}: {row['cases']} other cases (first: {row['first']})")
+    return out
+
+
+def by_config(results) -> pd.DataFrame:
+    """Per configuration: how many cases came to each outcome (matching numbers: "ok"), and which dominates."""
+    df = pd.DataFrame([{"config": f"c{r.case.config_index}[{format_config(r.case.config)}]",
+                        "outcome": outcome(r) or "ok"} for r in results])
+    if df.empty:
+        return df
+    table = pd.crosstab(df["config"], df["outcome"])
+    table.insert(0, "dominant", table.idxmax(axis=1))
+    return table
+
+
+def _layout_lines(results) -> list[str]:
+    """One line per state-dict layout difference, with the numeric verdict beside it."""
+    out = []
+    for layout, group in _grouped(results, lambda r: r.layout):
+        numbers = Counter("numbers identical" if r.first_numeric is None else f"numerics differ ({r.math})"
+                          for r in group)
+        out.append(f"state-dict layout ({len(group)} cases): {shorten(layout, 400)}; numeric verdict: "
+                   + ", ".join(f"{k} {n}" for k, n in numbers.most_common()))
+    return out
+
+
+def _grouped(results, key):
+    groups: dict = {}
+    for r in results:
+        k = key(r)
+        if k:
+            groups.setdefault(k, []).append(r)
+    return list(groups.items())
+
+
+def exit_reason(report: CheckReport) -> str:
+    """Why the check exits as it does, in one line."""
+    results = report.results
+    if getattr(report, "interrupted", False):
+        return "interrupted: partial results"
+    if not results:
+        return "exit 1: no case ran"
+    failed = report.failed
+    if failed:
+        text = f"exit 1: {len(failed)} of {len(results)} cases differ"
+        if all(r.verdict == Verdict.API_DIFFERS for r in failed):
+            text += " in API/layout only (their numbers match): --numerics-only checks the numbers alone"
+        return text
+    if not any(r.numbers_match for r in results):
+        parts = ", ".join(f"{Verdict.LABELS[v]} {k}" for v, k in counts(results).items() if k)
+        return f"exit 1: no case showed matching numbers ({parts}), so nothing was proven bit-identical"
+    if not report.ok:
+        return "exit 1: the run did not finish"
+    return "exit 0: every case that ran has torch's numbers"
 
 
 def _where(worst: dict | None) -> str:
@@ -165,12 +352,21 @@ def _where(worst: dict | None) -> str:
 def report_doc(report: CheckReport) -> dict:
     return {
         "candidate": report.candidate, "reference": report.reference, "ok": report.ok,
+        "torch": versions.info(), "version_drift": version_drift(report),
         "cases": len(report.results), "failed": len(report.failed), "worst_ulp": report.worst_ulp,
         "counts": counts(report.results), "rejected_options": rejected_options(report.results),
         "planned": getattr(report, "planned", len(report.results)),
         "finished": getattr(report, "finished", True), "interrupted": getattr(report, "interrupted", False),
-        "seconds": report.seconds, "results": [row(r) for r in report.results],
+        "seconds": report.seconds, "exit_reason": exit_reason(report),
+        "by_cause": causes(report.results), "by_config": _config_doc(report.results),
+        "results": [row(r) for r in report.results],
     }
+
+
+def _config_doc(results) -> dict:
+    table = by_config(results)
+    return {} if table.empty else {c: {k: (int(v) if k != "dominant" else v) for k, v in table.loc[c].items()}
+                                   for c in table.index}
 
 
 _report_doc = report_doc
@@ -194,7 +390,9 @@ def write_json(reports: CheckReport | list[CheckReport], path: str | Path) -> No
     if isinstance(reports, CheckReport):
         text = json.dumps(report_doc(reports), indent=1, default=str)
     else:
-        totals = {"ok": all(r.ok for r in reports), "cases": sum(len(r.results) for r in reports),
+        totals = {"ok": all(r.ok for r in reports), "torch": versions.info(),
+                  "version_drift": [r.candidate for r in reports if version_drift(r)],
+                  "cases": sum(len(r.results) for r in reports),
                   "failed": sum(len(r.failed) for r in reports),
                   "counts": counts([x for r in reports for x in r.results])}
         parts = [_cached(r, "json", lambda r: json.dumps(report_doc(r), indent=1, default=str)) for r in reports]
@@ -223,6 +421,10 @@ def _junit_suite(report: CheckReport) -> ET.Element:
     suite = ET.Element("testsuite", name=f"optparity check {report.candidate}", tests=str(len(report.results)),
                        failures=str(len(report.failed)),
                        skipped=str(sum(r.status == "skip" for r in report.results)), time=f"{report.seconds:.3f}")
+    props = ET.SubElement(suite, "properties")
+    for key, value in versions.info().items():
+        ET.SubElement(props, "property", name=key, value=str(value))
+    ET.SubElement(props, "property", name="version_drift", value=str(version_drift(report)))
     for r in report.results:
         suite.append(junit_case(r, report.candidate))
     return suite

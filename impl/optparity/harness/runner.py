@@ -18,11 +18,11 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from optparity.harness import algorithms, amp, bitwise, conditions, objectives, observers, schedulers
+from optparity.harness import algorithms, amp, bitwise, conditions, objectives, observers, schedulers, shadow as shadows
 from optparity.harness.bitwise import Difference, compare, max_ulp
 from optparity.harness.candidates import (NotApplicable, algorithm_of, kind_of, load_object, make_driver,
                                           options_not_accepted)
-from optparity.harness.matrix import CROSS_LOAD, LR_CHANGE, RELOAD_OWN, Case
+from optparity.harness.matrix import CROSS_LOAD, LR_CHANGE, RELOAD_OWN, ROLLBACKS, Case
 from optparity.harness.params import make_grads, make_params, to_device
 
 
@@ -86,6 +86,8 @@ class Divergence:
     key: str | None
     difference: Difference | None
     message: str
+    rank: int | None = None  # distributed checks (harness/distributed): the rank that saw it
+    world_size: int | None = None
 
     @property
     def numeric(self) -> bool:
@@ -94,6 +96,8 @@ class Divergence:
     def as_dict(self) -> dict:
         d = {"step": self.step, "where": self.where, "param": self.param, "key": self.key, "message": self.message,
              "numeric": self.numeric}
+        if self.rank is not None:
+            d.update(rank=self.rank, world_size=self.world_size)
         if self.difference is not None:
             diff = self.difference
             d.update(element=list(diff.index) if diff.index is not None else None,
@@ -105,7 +109,8 @@ class Divergence:
 
     def describe(self) -> str:
         where = self.where + (f" {self.param}" if self.param else "") + (f"[{self.key!r}]" if self.key else "")
-        return f"step {self.step}, {where}: {self.message}"
+        on = f", rank {self.rank} of world size {self.world_size}" if self.rank is not None else ""
+        return f"step {self.step}{on}, {where}: {self.message}"
 
 
 def _jsonable(v):
@@ -138,7 +143,10 @@ class CaseResult:
     hung_step: int | None = None  # hung: the step it was in
     numerics_only: bool = False
     max_ulp: int | None = None  # the tolerance it ran under (None: bit for bit)
-    fused_vs_forloop_ulp: int | None = None  # measured, informational
+    fused_vs_forloop_ulp: int | None = None  # measured, informational: the candidate against torch's for-loop path
+    shadow: dict | None = None  # numerics_differ: the shadow verdict the math rests on (harness/shadow.py)
+    reference_suspect: str = ""  # torch's path is known wrong or nondeterministic here (shadow.suspect_note)
+    layout: str = ""  # the two state dicts' layouts differ (what each lacks); then each side reloaded its own
     message: str = ""
     seconds: float = 0.0
 
@@ -210,13 +218,18 @@ class _Tracker:
         self.max_abs = self.max_rel = 0.0
         self.nan = self.inf = 0
         self.per_step: dict[int, dict] = {}
+        self.numeric_where: set[str] = set()  # where numeric differences were seen ("param", "state", ...)
+        self.layout = ""  # the state-dict layout finding (runner.layout_difference), if any
 
     def record(self, step, where, param, key, diff: Difference | None = None, message: str = ""):
         div = Divergence(step, where, param, key, diff, message or (diff.describe() if diff else ""))
         if not div.numeric:
             self.first_api = self.first_api or div
+            if where == "state_dict" and key == "layout":
+                self.layout = self.layout or message
             return
         self.first_numeric = self.first_numeric or div
+        self.numeric_where.add(where)
         row = self.per_step.setdefault(step, dict(_EMPTY_STEP))
         row["nan_inf"] += diff.nan_mismatches + diff.inf_mismatches
         self.nan += diff.nan_mismatches
@@ -372,13 +385,25 @@ def run_case(case: Case, candidate: Subject, reference: Subject, options: RunOpt
         if on_step is not None:
             on_step(n)
 
+    placement = bitwise.across_devices if getattr(case, "across_devices", False) else contextlib.nullcontext
     try:
-        placement = bitwise.across_devices() if getattr(case, "across_devices", False) else contextlib.nullcontext()
-        with conditions.applied(case), placement:  # the case's threads and default dtype (edge axes)
+        with conditions.applied(case), placement():  # the case's threads and default dtype (edge axes)
             _run(case, candidate, reference, result, options, stepping)
     except NotApplicable as e:
         result.verdict, result.message = Verdict.NOT_APPLICABLE, str(e)
         result.rejected_options = list(e.options)
+    if result.verdict in (Verdict.NUMERICS_DIFFER, Verdict.WITHIN_TOLERANCE) and not getattr(case, "across_devices", False):
+        # Differing numbers: run the case again beside the higher-precision shadow, which says
+        # whether they differ as rounding does (harness/shadow.py). Only differing cases pay for it.
+        again = CaseResult(case, numerics_only=options.numerics_only, max_ulp=options.max_ulp)
+        with conditions.applied(case), placement():
+            _run(case, candidate, reference, again, options, stepping, with_shadow=True)
+        if again.verdict == result.verdict and again.worst_ulp == result.worst_ulp:
+            again.fused_vs_forloop_ulp = result.fused_vs_forloop_ulp
+            result = again
+        else:  # candidate or reference not deterministic: the first run's figures, the shadow's math
+            result.shadow, result.math = again.shadow, again.math
+            result.message += "; a second run gave other numbers (not deterministic)"
     result.seconds = time.perf_counter() - start
     return result
 
@@ -390,8 +415,33 @@ def _new_pset(case: Case, device: str | None = None):
                        differentiable=bool(case.config.get("differentiable")), device=device)
 
 
+def _start_shadow(case: Case, reference: Subject, algo: str, options: RunOptions):
+    """(the case's shadow, or None, why not): the reference in float64 (and float32 for float64
+    tensors) over the case's parameters, on its for-loop path."""
+    hyper = {**case.config, **options.hyper}
+    if not options_not_accepted(reference.obj, reference.kind, {"foreach": False}) and "foreach" in _signature(reference):
+        hyper["foreach"] = False
+    try:
+        probe = _new_pset(case)
+        wide = any(p.dtype in (torch.float64, torch.complex128) for p in probe.params)
+        made = shadows.Shadow(lambda pset, h: make_driver(reference.obj, reference.kind, algo, pset, h),
+                              lambda: _new_pset(case), hyper, wide)
+    except Exception as e:  # noqa: BLE001 - the reference cannot run in float64: no shadow, said so
+        return None, f"no shadow: the reference in float64 raised {_error_text(e)}"
+    return made, ""
+
+
+def _signature(subject: Subject) -> set[str]:
+    import inspect
+
+    try:
+        return set(inspect.signature(subject.obj).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
 def _run(case: Case, candidate: Subject, reference: Subject, result: CaseResult, options: RunOptions,
-         on_step: Callable[[int], None]) -> None:
+         on_step: Callable[[int], None], with_shadow: bool = False) -> None:
     algo = case.algorithm
     hyper = {**case.config, **options.hyper, **case.path_kwargs()}
     tracker = _Tracker()
@@ -414,28 +464,39 @@ def _run(case: Case, candidate: Subject, reference: Subject, result: CaseResult,
         forloop, _ = _attempt(lambda: make_driver(reference.obj, reference.kind, algo, _new_pset(case),
                                                   {**case.config, **options.hyper, "foreach": False}))
         result.fused_vs_forloop_ulp = 0
+    result.reference_suspect = shadows.suspect_note(case, reference.label, pset_r.params)
+    shadow, no_shadow = _start_shadow(case, reference, algo, options) if with_shadow and e_ref is None else (None, "")
+    # torch's error against the shadow: its for-loop path's where the reference itself is the suspect
+    noise_ref = forloop if result.reference_suspect and forloop is not None else ref
     stop = _same_error(tracker, 0, e_cand, e_ref)
     # .grad, zero_grad, hooks and load_state_dict's argument are compared too (harness/observers.py)
     observer = observers.Observer(tracker, cand, ref, names) if cand is not None and ref is not None else None
     scheduled = bool(case.scheduler) and observer is not None and observer.active
     if scheduled:  # the same LR scheduler steps both (harness/schedulers.py)
-        schedulers.attach(case, cand, ref)
+        schedulers.attach(case, cand, ref, *(shadow.drivers if shadow else ()))
     differentiable = bool(case.config.get("differentiable"))
     reloadable = (not differentiable and getattr(cand, "supports_state_dict", False)
                   and getattr(ref, "supports_state_dict", False))
     # lr changes and closure losses only make sense between torch.optim-style optimizers.
-    drivers = [d for d in (cand, ref, forloop) if d is not None]
+    drivers = [d for d in (cand, ref, forloop, *(shadow.drivers if shadow else ())) if d is not None]
     param_groups = all(getattr(d, "supports_param_groups", False) for d in drivers)
     amp.attach(case, *drivers)  # the AMP recipes' second optimizer (harness/amp.py)
+    rollback = {} if reloadable and getattr(case, "axis", "base") == "rollback" else None
     step = 0
     while not stop and step < case.steps:
+        if rollback is not None:
+            _rollback(tracker, step, cand, ref, rollback)
         step += 1
         on_step(step)
         grads = make_grads(pset_r, case.seed, step)
+        # the shadow's own copies first: the reference's zero_grad (observers.py) zeroes `grads` in place
+        shadow_grads = shadow.private_grads(grads) if shadow is not None and not shadow.failed else None
         loss_r, e_ref = _attempt(lambda: conditions.step(case, ref, grads, step))
         loss_c, e_cand = _attempt(lambda: conditions.step(case, cand, _clone(grads, to_candidate), step))
         if _same_error(tracker, step, e_cand, e_ref):
             break
+        if shadow_grads is not None:
+            _step_shadow(case, shadow, shadow_grads, step)
         if param_groups:
             diff = _compare_value(loss_c, loss_r)
             if diff is not None:
@@ -452,13 +513,20 @@ def _run(case: Case, candidate: Subject, reference: Subject, result: CaseResult,
             observer.after_step(step)
         if differentiable and step == 1:
             _compare_backward(tracker, step, pset_c, pset_r)
-        if forloop is not None and _attempt(lambda: conditions.step(case, forloop, _clone(grads), step))[1] is None:
+        forloop_ok = forloop is not None and _attempt(lambda: conditions.step(case, forloop, _clone(grads), step))[1] is None
+        if forloop_ok:
             for pc, pf in zip(cand.pset.params, forloop.pset.params):
                 ulps = max_ulp(pc, pf)
                 if ulps is not None:
                     result.fused_vs_forloop_ulp = max(result.fused_vs_forloop_ulp, ulps)
-        if reloadable and (step == RELOAD_OWN or (getattr(case, "reload", "standard") == "every_step"
-                                                  and step != CROSS_LOAD)):
+        if shadow is not None and not shadow.failed:
+            if noise_ref is ref or forloop_ok:
+                shadow.measure(step, cand, noise_ref, names)
+        # own state_dict reloads: after RELOAD_OWN, and after every other step for reload="every_step"
+        own_reload = step == RELOAD_OWN or (getattr(case, "reload", "standard") == "every_step" and step != CROSS_LOAD)
+        if reloadable and (own_reload or step == CROSS_LOAD) and shadow is not None and not shadow.failed:
+            _reload_shadow(shadow, step)  # as the two sides do: a reload casts state to the parameter's dtype
+        if reloadable and own_reload:
             _reload(tracker, step, cand, ref, cross=False)
         if reloadable and step == CROSS_LOAD:
             # Loading each other's state_dict is a layout check: skipped when only numbers count.
@@ -471,6 +539,47 @@ def _run(case: Case, candidate: Subject, reference: Subject, result: CaseResult,
                 driver.scale_lr(0.5)
     result.steps_run = step
     _classify(result, tracker, options)
+    if with_shadow:
+        _judge_by_shadow(result, tracker, shadow, no_shadow)
+
+
+def _step_shadow(case: Case, shadow, grads: list, step: int) -> None:
+    for driver, own in zip(shadow.drivers, grads):
+        _, e = _attempt(lambda: conditions.step(case, driver, own, step))
+        if e is not None:
+            shadow.failed = f"the shadow stopped at step {step}: {_error_text(e)}"
+            return
+
+
+def _reload_shadow(shadow, step: int) -> None:
+    for driver in shadow.drivers:
+        _, e = _attempt(lambda: driver.reload(driver.state_dict()))
+        if e is not None:
+            shadow.failed = f"the shadow could not reload its own state at step {step}: {_error_text(e)}"
+            return
+
+
+def _judge_by_shadow(result: CaseResult, tracker: _Tracker, shadow, no_shadow: str) -> None:
+    """The math of a differing case from its shadow (harness/shadow.py). Differences outside
+    parameters and state (a closure's loss, a gradient through the step) keep the ULP-growth rule
+    for their part; without a shadow the ULP-growth rule alone decides, and says so."""
+    if result.verdict not in (Verdict.NUMERICS_DIFFER, Verdict.WITHIN_TOLERANCE):
+        return
+    if shadow is None or shadow.failed or not shadow.per_step:
+        why = no_shadow or (shadow.failed if shadow is not None else "no shadow")
+        result.shadow = {"math": None, "note": why or "no shadow"}
+        result.message += f"; by ULP growth ({why})"
+        return
+    nan_inf = bool(tracker.nan or tracker.inf)
+    basis = "torch's for-loop path stands in for the suspect reference" if result.reference_suspect else ""
+    verdict = shadow.verdict(nan_inf, ROUNDING, DIFFERENT_MATH, basis)
+    others = tracker.numeric_where - {"param", "state"}
+    if others:  # a closure's loss, a gradient through the step: no shadow of theirs, named instead
+        verdict.note = "; ".join(n for n in (verdict.note, f"{', '.join(sorted(others))} also differ (not judged by "
+                                                          f"the shadow)") if n)
+    old = f"[{result.math}:"
+    result.math, result.shadow = verdict.math, verdict.as_dict()
+    result.message = result.message.replace(old, f"[{result.math}:", 1) + f"; vs shadow: {verdict.describe()}"
 
 
 def _classify(result: CaseResult, tracker: _Tracker, options: RunOptions) -> None:
@@ -479,6 +588,7 @@ def _classify(result: CaseResult, tracker: _Tracker, options: RunOptions) -> Non
     result.worst_ulp, result.worst = tracker.worst_ulp, tracker.worst
     result.max_abs_error, result.max_rel_error = tracker.max_abs, tracker.max_rel
     result.nan_mismatches, result.inf_mismatches = tracker.nan, tracker.inf
+    result.layout = tracker.layout
     if tracker.first_numeric is not None:
         result.per_step = [{"step": s, **tracker.per_step.get(s, _EMPTY_STEP)} for s in range(1, result.steps_run + 1)]
         result.math = math_verdict(result.per_step, options.rounding_ulp)
@@ -504,12 +614,19 @@ def _classify(result: CaseResult, tracker: _Tracker, options: RunOptions) -> Non
     if result.divergence is not None:
         result.message = result.divergence.describe()
     if result.verdict in (Verdict.NUMERICS_DIFFER, Verdict.WITHIN_TOLERANCE):
-        result.message += f" [{result.math}: max {result.worst_ulp} ulp, max rel err {result.max_rel_error:.3g}]"
+        result.message += (f" [{result.math}: max {bitwise.readable_ulp(result.worst_ulp)} ulp, "
+                           f"max rel err {bitwise.readable_rel(result.max_rel_error)}]")
     if across and result.verdict in (Verdict.MEASURED_ACROSS_DEVICES, Verdict.API_DIFFERS):
         distance = _distance_across_devices(result)
         result.message = distance + (f"; first difference: {result.message}" if result.message else "")
+    if result.reference_suspect and result.verdict != Verdict.BIT_IDENTICAL:
+        result.message += f"; reference suspect: {result.reference_suspect}"
+        if result.fused_vs_forloop_ulp is not None:
+            result.message += f" (the candidate is {result.fused_vs_forloop_ulp} ulp from torch's for-loop path)"
     if tracker.first_api is not None and result.verdict != Verdict.API_DIFFERS:
         result.message += f"; also API/layout: {tracker.first_api.describe()}"
+    if tracker.layout and tracker.layout not in result.message:
+        result.message += f"; {tracker.layout}"
 
 
 def _over_max_ulp(tracker: _Tracker, limit: int | None) -> bool:
@@ -559,14 +676,67 @@ def _reload(tracker: _Tracker, step: int, cand, ref, cross: bool) -> None:
         _same_error(tracker, step, sd_c[1], sd_r[1])
         return
     _compare_param_groups(tracker, step, sd_c[0], sd_r[0])
+    layout = layout_difference(sd_c[0], sd_r[0]) if cross else ""
+    if layout:
+        # Each other's state dicts cannot mean the same: a layout finding, and each side goes on
+        # from its own state, so the numbers are still compared.
+        tracker.record(step, "state_dict", None, "layout", None,
+                       f"state-dict layouts differ ({layout}): each side reloaded its own state instead of the other's")
+        cross = False
     load_c, load_r = (sd_r[0], sd_c[0]) if cross else (sd_c[0], sd_r[0])
     _, e_c = _attempt(lambda: cand.reload(load_c))
     _, e_r = _attempt(lambda: ref.reload(load_r))
     if e_c or e_r:
-        what = "the reference's state_dict into the candidate" if cross else "its own state_dict"
+        what = "each other's state_dict" if cross else "its own state_dict"
         tracker.record(step, "state_dict", None, None, None,
                        f"loading {what} failed: candidate: {_error_text(e_c) if e_c else 'ok'} | "
                        f"reference: {_error_text(e_r) if e_r else 'ok'}")
+        if cross:  # go on from each side's own state: the numbers are still compared
+            sd_c, sd_r = _attempt(cand.state_dict), _attempt(ref.state_dict)
+            for driver, (own, e) in ((cand, sd_c), (ref, sd_r)):
+                if e is None:
+                    _attempt(lambda: driver.reload(own))
+
+
+def layout_difference(sd_c: dict, sd_r: dict) -> str:
+    """What one state dict's layout has that the other's lacks, in words ("" when the same):
+    param_groups keys, and per-parameter state keys (over every group and parameter)."""
+    def group_keys(sd):
+        return {k for g in sd.get("param_groups", ()) for k in g if k != "params"}
+
+    def state_keys(sd):
+        return {k for st in sd.get("state", {}).values() if isinstance(st, dict) for k in st}
+
+    parts = []
+    for what, keys in (("param_groups", group_keys), ("state", state_keys)):
+        kc, kr = keys(sd_c), keys(sd_r)
+        if kr - kc:
+            parts.append(f"the candidate's state dict lacks {_quoted(kr - kc)} in {what}")
+        if kc - kr:
+            parts.append(f"the reference's lacks {_quoted(kc - kr)} in {what}")
+    return "; ".join(parts)
+
+
+def _quoted(keys) -> str:
+    return ", ".join(repr(k) for k in sorted(keys, key=str))
+
+
+def _rollback(tracker: _Tracker, step: int, cand, ref, saved: dict) -> None:
+    """The rollback axis (matrix.ROLLBACKS), after `step`: save both sides' state_dicts where a
+    pair starts, load them back into the same optimizers where it ends."""
+    for save_at, load_at in ROLLBACKS:
+        if step == save_at:
+            saved[load_at] = (_attempt(cand.state_dict), _attempt(ref.state_dict))
+        elif step == load_at and load_at in saved:
+            (sd_c, e_c), (sd_r, e_r) = saved.pop(load_at)
+            if not (e_c or e_r):  # (a state_dict that raises is reported by the other reloads)
+                _, e_c = _attempt(lambda: cand.opt.load_state_dict(sd_c))
+                _, e_r = _attempt(lambda: ref.opt.load_state_dict(sd_r))
+            if e_c or e_r:
+                tracker.record(step, "state_dict", None, None, None,
+                               f"loading the state_dict of step {save_at} back in place failed: candidate: "
+                               f"{_error_text(e_c) if e_c else 'ok'} | reference: {_error_text(e_r) if e_r else 'ok'}")
+            _compare_drivers(tracker, step, cand, ref, cand.pset.names)
 
 
 def _grad_through_step(pset):

@@ -7,12 +7,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from optparity.functional.muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, DEFAULT_NS_STEPS, EPS, muon
+from optparity.functional.muon import ADJUST_LR_FNS, DEFAULT_A, DEFAULT_B, DEFAULT_C, DEFAULT_NS_STEPS, EPS, muon
 from optparity.optim._base import TorchStyleOptimizer, check_tensor_lr
 
 __all__ = ["Muon"]
 
-_ADJUST_LR_FNS = ["original", "match_rms_adamw"]
+_ADJUST_LR_FNS = list(ADJUST_LR_FNS)  # the installed torch's (spectral_unclamped from 2.14)
 
 
 class Muon(TorchStyleOptimizer):

@@ -1,0 +1,96 @@
+"""Interleaved block timing: the measurements that travel between runs.
+
+A timing taken on a shared machine carries that moment's load. So every benchmark of a group
+(one algorithm, workload and dtype: optparity's and torch's paths side by side) is timed in short
+blocks taken in turn, A B C copy, B C A copy, ..., and every block is stored with the machine's
+`copy_` reference taken right after it. The figures compared across runs are then ratios of
+neighbouring blocks (optparity / torch on the same path, time / copy_), in which a machine-wide
+slowdown cancels out.
+
+Each block records two clocks: the wall clock (CUDA events on a GPU) and the CPU time of this
+process (time.process_time). On a shared machine the wall clock of a block also counts the time
+slices other processes got (measured here: optparity/torch paired ratios of Adam spread over
+q1..q3 = 0.94..1.25 on the wall clock, 0.98..1.05 in CPU time, under a load average of 10 on two
+cores), so comparisons use CPU time on the CPU and event time on a GPU (where the CPU time of
+a block is the host's launch overhead only and is replaced by the event time).
+
+torch.utils.benchmark's Timer is not used for the blocks: every timeit() call first runs warm-up
+steps of its own (at least two), which would triple the cost of the 16M workloads for nothing,
+since the group's steps already keep each other warm. This module imports only torch and the
+standard library: the asv suite loads it by path, for commits older than optparity.bench.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+MAX_NUMBER = 1000  # calls per block at most (the tiniest steps)
+
+
+Timer = Callable[[int], "tuple[float, float]"]
+
+
+def block_timer(fn: Callable[[], object], device: str = "cpu") -> Timer:
+    """A function number -> (wall seconds, CPU seconds) per call of fn over `number` back-to-back
+    calls. On a GPU the wall figure comes from CUDA events (after a synchronize) and stands for
+    both: the device's time is what a step costs there."""
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+        def run_cuda(number: int) -> tuple[float, float]:
+            torch.cuda.synchronize()
+            start.record()
+            for _ in range(number):
+                fn()
+            end.record()
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1e3 / number
+            return seconds, seconds
+
+        return run_cuda
+
+    def run_cpu(number: int) -> tuple[float, float]:
+        w0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(number):
+            fn()
+        return (time.perf_counter() - w0) / number, (time.process_time() - c0) / number
+
+    return run_cpu
+
+
+def calibrate(run: Timer, block_seconds: float) -> int:
+    """Calls per block so that a block takes about block_seconds of CPU time (the smaller of two
+    single calls' CPU times, so that one disturbed call does not shrink every block)."""
+    once = min(run(1)[1], run(1)[1])
+    return max(1, min(MAX_NUMBER, round(block_seconds / max(once, 1e-9))))
+
+
+REFERENCE_ELEMENTS = 1 << 22  # 16 MiB per fp32 tensor, 32 MiB moved: past the private caches
+
+
+def copy_reference(device: str = "cpu", numel: int = REFERENCE_ELEMENTS) -> tuple[Callable[[], object], int]:
+    """dst.copy_(src) on fp32 tensors beyond the caches, and the bytes one copy moves."""
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    return (lambda: dst.copy_(src)), 2 * numel * src.element_size()
+
+
+def interleaved(timers: dict[str, Timer], reference: Timer, blocks: int, block_seconds: float) -> list[dict]:
+    """`blocks` rounds over every timer in rotating order, each round followed by one reference
+    call. One row per timer and block: key, block, seconds and cpu_seconds (per call),
+    number_per_run, copy_seconds and copy_cpu_seconds (the reference of that block)."""
+    keys = list(timers)
+    numbers = {k: calibrate(timers[k], block_seconds) for k in keys}
+    rows = []
+    for b in range(blocks):
+        shift = b % len(keys)
+        order = keys[shift:] + keys[:shift]
+        if b % 2:  # rotate and reverse: no benchmark always follows the same one
+            order = order[::-1]
+        seconds = {k: timers[k](numbers[k]) for k in order}
+        ref = reference(1)
+        rows += [{"key": k, "block": b, "seconds": seconds[k][0], "cpu_seconds": seconds[k][1],
+                  "number_per_run": numbers[k], "copy_seconds": ref[0], "copy_cpu_seconds": ref[1]} for k in keys]
+    return rows

@@ -1,0 +1,142 @@
+"""The regression rule of `optparity report --compare` and `optparity bench --baseline`.
+
+Per benchmark, BASE and NEW each give samples of one normalised figure (one per interleaved
+block: optparity / torch's same path, or time / the machine's copy_; see compare.figures). NEW
+regressed by more than the minimum effect `delta` when NEW / (1 + delta) is still stochastically
+larger than BASE: a one-sided Mann-Whitney U test (scipy, exact for small samples), so an effect
+below `delta` can never be called whatever the sample size. The p-values of all benchmarks
+compared at once go through Benjamini-Hochberg (false discovery rate `q`).
+
+Verdicts: REGRESSION (significant after the correction), "needs re-measurement" (significant,
+but not yet confirmed by fresh samples, or the median moved by more than delta without being
+significant), "faster" (the mirror test), "no change". Re-measurement (compare --remeasure,
+bench --baseline) measures only the suspicious benchmarks again and calls a regression only when
+the fresh samples, tested on their own, are significant too: two independent passes must agree.
+The displayed confidence interval of the median ratio is a percentile bootstrap.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+MIN_EFFECT = 0.03    # smallest slowdown worth calling: 3 % (a planted 5 % must be caught)
+FDR = 0.05           # Benjamini-Hochberg false discovery rate over the benchmarks compared at once
+CONFIDENCE = 0.95    # of the displayed bootstrap interval
+MIN_SAMPLES = 4      # with fewer samples per side no test can reach significance
+BOOTSTRAP_SEED = 19  # the interval is reproducible from the same samples
+
+REGRESSION = "REGRESSION"
+REMEASURE = "needs re-measurement"
+FASTER = "faster"
+SAME = "no change"
+NOT_CONFIRMED = "not confirmed on re-measurement"
+TOO_FEW = "too few samples"
+REFERENCE = "reference (torch)"  # torch's own paths: the in-run normalisers, pinned with torch, never tested
+
+
+@dataclass(frozen=True)
+class Rule:
+    min_effect: float = MIN_EFFECT
+    fdr: float = FDR
+
+    def __post_init__(self):
+        if not 0 <= self.min_effect < 1:
+            raise ValueError(f"minimum effect must be in [0, 1), got {self.min_effect}")
+        if not 0 < self.fdr < 1:
+            raise ValueError(f"false discovery rate must be in (0, 1), got {self.fdr}")
+
+
+def p_slower(base: np.ndarray, new: np.ndarray, min_effect: float) -> float:
+    """One-sided p-value of 'NEW is slower than BASE by more than min_effect'."""
+    return float(stats.mannwhitneyu(new / (1 + min_effect), base, alternative="greater").pvalue)
+
+
+def p_faster(base: np.ndarray, new: np.ndarray, min_effect: float) -> float:
+    return float(stats.mannwhitneyu(new * (1 + min_effect), base, alternative="less").pvalue)
+
+
+def bh_reject(pvalues: pd.Series, fdr: float) -> pd.Series:
+    """Benjamini-Hochberg: which hypotheses are rejected at false discovery rate fdr."""
+    if pvalues.empty:
+        return pd.Series(dtype=bool, index=pvalues.index)
+    adjusted = stats.false_discovery_control(pvalues.to_numpy(), method="bh")
+    return pd.Series(adjusted <= fdr, index=pvalues.index)
+
+
+def median_ratio_ci(base: np.ndarray, new: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Percentile-bootstrap interval of median(NEW) / median(BASE), resampling each side."""
+    res = stats.bootstrap((new, base), lambda n, b, axis=-1: np.median(n, axis=axis) / np.median(b, axis=axis),
+                          n_resamples=1000, method="percentile", confidence_level=confidence, vectorized=True,
+                          rng=np.random.default_rng(BOOTSTRAP_SEED))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def test_all(samples: dict[str, tuple[np.ndarray, np.ndarray]], rule: Rule) -> pd.DataFrame:
+    """One row per benchmark: median ratio NEW/BASE, its bootstrap interval, both p-values and
+    whether Benjamini-Hochberg rejects 'no slowdown beyond min_effect' (slower) or the mirror."""
+    rows = {}
+    for name, (base, new) in samples.items():
+        base, new = np.asarray(base, float), np.asarray(new, float)
+        row = {"n_base": base.size, "n_new": new.size, "ratio": np.nan, "ci_low": np.nan, "ci_high": np.nan,
+               "p_slower": np.nan, "p_faster": np.nan}
+        if base.size and new.size:
+            row["ratio"] = float(np.median(new) / np.median(base))
+        if min(base.size, new.size) >= MIN_SAMPLES:
+            row["ci_low"], row["ci_high"] = median_ratio_ci(base, new)
+            row["p_slower"] = p_slower(base, new, rule.min_effect)
+            row["p_faster"] = p_faster(base, new, rule.min_effect)
+        rows[name] = row
+    out = pd.DataFrame.from_dict(rows, orient="index",
+                                 columns=["n_base", "n_new", "ratio", "ci_low", "ci_high", "p_slower", "p_faster"])
+    tested = out["p_slower"].notna()
+    out["slower"] = bh_reject(out.loc[tested, "p_slower"], rule.fdr).reindex(out.index, fill_value=False)
+    out["faster"] = bh_reject(out.loc[tested, "p_faster"], rule.fdr).reindex(out.index, fill_value=False)
+    return out
+
+
+def first_pass(tested: pd.DataFrame, rule: Rule) -> pd.Series:
+    """Verdict from one pass of samples: significant slowdowns are regressions unless they are
+    re-measured (then they are suspects); a median beyond min_effect without significance is a
+    suspect too, so that a real but noisy slowdown gets its second look."""
+    verdict = pd.Series(SAME, index=tested.index, dtype=object)
+    verdict[tested["faster"]] = FASTER
+    verdict[(tested["ratio"] > 1 + rule.min_effect) & ~tested["slower"]] = REMEASURE
+    verdict[tested["slower"]] = REGRESSION
+    verdict[tested["p_slower"].isna()] = TOO_FEW
+    return verdict
+
+
+def suspects(verdict: pd.Series) -> list[str]:
+    return list(verdict.index[verdict.isin([REGRESSION, REMEASURE])])
+
+
+def second_pass(verdict: pd.Series, retested: pd.DataFrame) -> pd.Series:
+    """Final verdict after re-measuring the suspects: a regression only where the fresh samples,
+    corrected over the re-measured benchmarks alone, are significant as well."""
+    out = verdict.copy()
+    for name in suspects(verdict):
+        out[name] = REGRESSION if name in retested.index and bool(retested.loc[name, "slower"]) else NOT_CONFIRMED
+    return out
+
+
+def slower_than_reference(ratios: dict[str, np.ndarray], rule: Rule) -> pd.DataFrame:
+    """Within one run: is optparity slower than torch's same path by more than min_effect? Each
+    sample is the paired ratio of one block; a one-sided Wilcoxon signed-rank test of
+    log(ratio) > log(1 + min_effect), Benjamini-Hochberg over the benchmarks."""
+    rows = {}
+    for name, r in ratios.items():
+        r = np.asarray(r, float)
+        p = np.nan
+        if r.size >= MIN_SAMPLES:
+            shifted = np.log(r) - np.log1p(rule.min_effect)
+            p = 1.0 if not shifted.any() else float(stats.wilcoxon(shifted, alternative="greater").pvalue)
+        rows[name] = {"n": r.size, "ratio": float(np.median(r)) if r.size else np.nan, "p_slower": p}
+    out = pd.DataFrame.from_dict(rows, orient="index", columns=["n", "ratio", "p_slower"])
+    tested = out["p_slower"].notna()
+    # signed ranks test the pseudo-median: a skewed sample can reject with its median below 1 + delta
+    out["slower"] = (bh_reject(out.loc[tested, "p_slower"], rule.fdr).reindex(out.index, fill_value=False)
+                     & (out["ratio"] > 1 + rule.min_effect))
+    return out

@@ -1,0 +1,1 @@
+"""One module per distributed kind; each defines DRIVERS = (SomeDriver(), ...) (see base.Driver)."""
