@@ -1,4 +1,4 @@
-"""Rank-side code for test_rollback.py: reloading a checkpoint into an optimizer that has trained
+"""Rank-side code for test_optim_state_rollback.py: reloading a checkpoint into an optimizer that has trained
 since (a rollback in place), on every target of optim_state and through ZeRO's own
 load_state_dict.
 

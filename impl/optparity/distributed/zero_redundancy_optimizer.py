@@ -21,7 +21,7 @@ Where this module departs from torch (never in the numbers produced):
     overwrites the parameters the dict has state for, so loading an older checkpoint into an
     optimizer that has trained since (a rollback in place) keeps the newer state of the others
     (their ``step`` runs on from the later value). Identical whenever the loading optimizer is
-    fresh or the dict has state for every parameter it had (suites/distributed/test_rollback.py);
+    fresh or the dict has state for every parameter it had (suites/distributed/test_optim_state_rollback.py);
   * a parameter group whose ``params`` is a single tensor or a generator is taken as such
     (torch iterates the tensor's rows / exhausts the generator before the group is built);
   * parameters of groups added with ``add_param_group`` take part in the trainability check;

@@ -21,10 +21,12 @@ torch's classes to the unsharded run.
 FSDP refuses 0-dim parameters; the harness keeps them outside FSDP (a replicated DTensor under
 fsdp, a plain tensor under fsdp1), as a model with such a parameter would have to. Parameters
 are contiguous copies (FSDP2 refuses non-contiguous ones); the unsharded reference keeps the
-parameter set's views. Closure-only optimizers (LBFGS) are not run: the matrix leaves them out.
+parameter set's views. Closure-only optimizers (LBFGS) are not run: the matrix leaves them out;
+sparse gradients (SparseAdam) are not applicable: FSDP's gradients are dense.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import warnings
 
@@ -122,6 +124,9 @@ class FsdpSide:
 
     # -- feeding ---------------------------------------------------------------------------------
     def set_gradients(self, grads: list[Tensor | None]) -> None:
+        if any(g is not None and g.is_sparse for g in grads):
+            raise NotApplicable("FSDP reduce-scatters dense gradients: there is no sparse gradient on FSDP shards",
+                                ("sparse gradients",))
         for i, (p, g) in enumerate(zip(self.params, grads)):
             p.grad = None if g is None or not p.requires_grad else self._local(p, g, self.ranges[i])
 
@@ -246,11 +251,12 @@ class FsdpDriver(Driver):
         lacking = options_not_accepted(obj, "optimizer", hyper)
         if lacking:
             raise NotApplicable(f"{obj.__qualname__} takes no {', '.join(lacking)}", lacking)
-        return FsdpSide(obj, params, groups, hyper, self.flavour, ctx)
+        return FsdpSide(obj, params, groups, copy.deepcopy(hyper), self.flavour, ctx)
 
     def build_reference(self, ctx, params, groups, algorithm, hyper):
         from optparity.harness.algorithms import torch_class
 
+        hyper = copy.deepcopy(hyper)  # a tensor lr must not be shared with the candidate (schedulers write it)
         cls = ctx.reference or torch_class(algorithm)
         if ctx.case.path == "fused":
             return FsdpSide(cls, params, groups, hyper, self.flavour, ctx)
