@@ -5,7 +5,8 @@ import torch
 
 from optparity.harness import check, levels, matrix
 from optparity.harness.algorithms import ALGORITHMS
-from optparity.harness.mutants import EDGE_MUTANTS, MUTANTS, EdgeMutant
+from optparity.harness.mutants import COVER_KINDS, EDGE_MUTANTS, MUTANTS, EdgeMutant
+from optparity.harness.params import features
 
 # Edge mutants of a comparison rather than a case condition: caught by what is compared.
 COMPARISONS = {"caller_grad", "zero_grad", "hooks", "load_state_dict"}
@@ -27,6 +28,9 @@ def test_every_edge_axis_has_teeth():
     assert {m.kind for m in EDGE_MUTANTS} >= set(matrix.EDGE_AXES) | COMPARISONS
     values = {m.shows_under.split(" (")[0] for m in EDGE_MUTANTS if m.kind == "values"}
     assert len(values) >= 5  # NaN, inf, subnormal, -0.0, huge
+    # issue 17: degenerate shapes, the AMP recipes, the reload schedule, and interactions (two conditions)
+    assert {m.kind for m in EDGE_MUTANTS} >= set(COVER_KINDS)
+    assert all(len(m.parts) >= 2 for m in EDGE_MUTANTS if m.kind == "interaction")
 
 
 @pytest.mark.parametrize("mutant", MUTANTS, ids=lambda m: m.name)
@@ -80,7 +84,9 @@ def _level_for(mutant) -> str:
 
 def _option_on(case, option: str) -> bool:
     """Is `option` switched on anywhere in the case (the second parameter group included)?"""
-    groups = [case.config] + ([{**case.config, **case.second_group}] if case.param_set == "groups" else [])
+    two = case.param_set == "groups" or bool({"groups", "added_group"} & features(case.param_set) and
+                                               case.param_set.startswith("cover:"))
+    groups = [case.config] + ([{**case.config, **case.second_group}] if two else [])
     return any(g.get(option) not in (None, False, 0, 0.0) for g in groups)
 
 

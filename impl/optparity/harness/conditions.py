@@ -43,21 +43,41 @@ def scaler_of(driver) -> torch.amp.GradScaler:
 def step(case, driver, grads, n: int):
     """One step of `driver`: its own step, or under amp the GradScaler recipe (scaled gradients
     into .grad, scaler.step, scaler.update). Returns what the step returned."""
+    if getattr(case, "amp_recipe", None):  # the recipes of harness/amp.py
+        from optparity.harness import amp
+
+        return amp.step(case, driver, grads, n)
     if not getattr(case, "amp", False):
         return driver.step(grads, n)
     opt = getattr(driver, "opt", None)
     if opt is None or getattr(driver, "closure_objective", None) is not None:
         raise NotApplicable("GradScaler drives torch.optim-style optimizers stepped without a closure")
     scaler = scaler_of(driver)
-    for i, (p, g) in enumerate(zip(driver.pset.params, grads)):
-        if g is not None and n in AMP_INF_STEPS and i == _first_with_grad(grads):
-            g = g.clone()
-            g[(0,) * g.dim()] = float("inf")
-        p.grad = None if g is None else scaler.scale(g)
+    for p, g in zip(driver.pset.params, poisoned(grads, n)):
+        p.grad = None if g is None else scaled(scaler, g)
     out = scaler.step(opt)
     scaler.update()
     return out
 
 
+def scaled(scaler, g):
+    """`g` as the backward of a scaled loss gives it: times the scale, in g's own dtype (a 0-dim
+    low-precision gradient times the float32 scale would otherwise come back float32)."""
+    return scaler.scale(g).to(g.dtype)
+
+
+def poisoned(grads, n: int) -> list:
+    """`grads`, with an infinity in the first nonempty one at the steps AMP_INF_STEPS (a copy;
+    a sparse one gets it in its first value)."""
+    first = _first_with_grad(grads) if n in AMP_INF_STEPS else -1
+    out = list(grads)
+    if first >= 0:
+        g = grads[first].clone()
+        values = g._values() if g.is_sparse else g
+        values[(0,) * values.dim()] = float("inf")
+        out[first] = g
+    return out
+
+
 def _first_with_grad(grads) -> int:
-    return next((i for i, g in enumerate(grads) if g is not None and g.numel()), -1)
+    return next((i for i, g in enumerate(grads) if g is not None and (g._nnz() if g.is_sparse else g.numel())), -1)

@@ -119,7 +119,7 @@ def select(name: str, algorithm: str, *, paths=None, dtypes=None, param_sets=Non
             param_sets = tuple("mixed" if p == "groups" else p for p in param_sets)
     cases = matrix.build_cases([algorithm], tuple(paths or matrix.PATHS), tuple(dtypes),
                                tuple(param_sets), steps, device=device,
-                               reference_device=reference_device)
+                               reference_device=reference_device, triples=lv.name == "full")
     edges = [c for c in cases if axis_of(c) != "base"]
     if asked is not None:  # --dtypes filters the edge cases too (they pick their own dtypes otherwise)
         edges = [c for c in edges if _edge_dtype_asked(c, dtypes)]
@@ -135,6 +135,10 @@ def _edge_dtype_asked(case, dtypes) -> bool:
     float32 form holds bfloat16 and float16 tensors) only when a low-precision dtype is asked for."""
     if case.dtype not in dtypes:
         return False
+    if "+dtype_mix+" in case.param_set:  # a composed mix (harness/covering.py): its second dtype too
+        from optparity.harness.params import OTHER_DTYPE
+
+        return OTHER_DTYPE[case.dtype] in dtypes
     if case.param_set == "dtype_mix" and case.dtype == torch.float32 and spec(case.algorithm).low_precision:
         return any(d in LOW_PRECISION for d in dtypes)
     return True

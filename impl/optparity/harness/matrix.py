@@ -103,6 +103,11 @@ class Case:
     default_dtype: torch.dtype | None = None
     amp: bool = False
     scheduler: str | None = None  # an LR scheduler recipe stepped alongside (harness/schedulers.py)
+    # issue 17 (harness/covering.py): an AMP recipe of harness/amp.py, and when the state-dict
+    # reloads happen ("standard": own at RELOAD_OWN, cross at CROSS_LOAD; "every_step": own after
+    # every other step too, as a run resumed from a checkpoint at any step)
+    amp_recipe: str | None = None
+    reload: str = "standard"
     # Where the candidate's parameters, gradients and state live ("cpu", "cuda", "cuda:1"), and the
     # reference's when it is elsewhere (None: the same device). Neither changes the seed: a case on
     # CUDA starts from the numbers of the same case on the CPU (harness/params.py).
@@ -129,6 +134,10 @@ class Case:
                 text += ",GradScaler"
             if self.scheduler:
                 text += f",{self.scheduler}"
+            if self.amp_recipe:
+                text += f",{self.amp_recipe}"
+            if self.reload != "standard":
+                text += f",reload={self.reload}"
             if self.steps != STEPS:
                 text += f",steps={self.steps}"
         if self.device != "cpu" or self.across_devices:  # CPU ids are what they always were (goldens)
@@ -191,13 +200,16 @@ def _upstream_nondeterministic(algo: str, config: dict, path: str, dtype: torch.
     torch 2.13's fused CPU SGD with momentum on float16/bfloat16 tensors of 64+ elements gives a
     different momentum_buffer from run to run (an element now and then is garbage, e.g. -inf) from
     the second step on (docs/upstream-findings.md)."""
-    low = dtype in (torch.float16, torch.bfloat16) or pset == "dtype_mix"
+    low = dtype in (torch.float16, torch.bfloat16) or pset == "dtype_mix" or (
+        # a composed mix (harness/params.py) brings bfloat16 beside float32
+        pset.startswith("cover:") and "+dtype_mix+" in pset and dtype == torch.float32)
     on_cpu = any(device_type(d) == "cpu" for d in devices)  # the CPU kernel's fault, not CUDA's
     return algo == "SGD" and path == "fused" and bool(config.get("momentum")) and low and on_cpu
 
 
 def build_cases(algorithms=ALGORITHMS, paths=PATHS, dtypes=DTYPES, param_sets=PARAM_SETS,
-                steps: int | None = None, device: str = "cpu", reference_device: str | None = None) -> list[Case]:
+                steps: int | None = None, device: str = "cpu", reference_device: str | None = None,
+                triples: bool = False) -> list[Case]:
     """The base matrix over `dtypes` x `param_sets`, then each algorithm's edge cases (which pick
     their own dtypes and parameter sets; `paths` narrows them too, `steps` caps all but long runs).
     steps None: each algorithm's own (its description's `steps`, else STEPS).
@@ -205,7 +217,10 @@ def build_cases(algorithms=ALGORITHMS, paths=PATHS, dtypes=DTYPES, param_sets=PA
     device: where the candidate runs, reference_device: where the reference does (None: the same).
     A path or configuration is kept when both devices have it: fused where torch ships a fused
     kernel for that device, the descriptions' cuda_configs when both are CUDA devices. Seeds are those of the
-    CPU cases, so every device starts from the same numbers."""
+    CPU cases, so every device starts from the same numbers.
+
+    Then each algorithm's covering cases (harness/covering.py): every pair of compatible
+    conditions, and with `triples` (the full level) every triple too, as "expensive" cases."""
     devices = (device,) if reference_device in (None, device) else (device, reference_device)
     config_device = "cuda" if all(device_type(d) == "cuda" for d in devices) else "cpu"
     cases = []
@@ -231,6 +246,13 @@ def build_cases(algorithms=ALGORITHMS, paths=PATHS, dtypes=DTYPES, param_sets=PA
             scheduled = [c for c in scheduled
                          if _runs(algo, c.path, c.dtype, devices) and not _refused_across(c.config, devices)]
         cases += scheduled
+        from optparity.harness import covering  # it imports this module
+
+        covered = covering.covering_cases(algo, paths, steps, full=triples)
+        if devices != ("cpu",):
+            covered = [c for c in covered
+                       if _runs(algo, c.path, c.dtype, devices) and not _refused_across(c.config, devices)]
+        cases += covered
     if devices != ("cpu",):  # seeds were taken from the CPU ids above
         for case in cases:
             case.device, case.reference_device = device, (None if len(devices) == 1 else reference_device)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from optparity.harness.algorithms import SPECS, Mutant, spec
-from optparity.harness.params import CHUNK, GRAIN, SMALL
+from optparity.harness.params import CHUNK, GRAIN, SMALL, features
 
 # Each algorithm's planted bugs live in its description (harness/algorithms/<algo>.py).
 ALGORITHM_MUTANTS: tuple[Mutant, ...] = tuple(m for s in SPECS.values() for m in s.mutants)
@@ -39,6 +39,9 @@ class EdgeMutant:
     shows_under: str
     make: Callable[[], type]
     exposed: Callable[[Any], bool]  # does this case carry the condition?
+    # an interaction's conditions one by one (exposed: all of them); a case with only some of
+    # them must leave the mutant silent (tests/test_covering.py)
+    parts: tuple = ()
 
     def build(self) -> type:
         cls = self.make()
@@ -197,7 +200,12 @@ def _fused(case) -> bool:
 
 
 def _sizes_set(case) -> bool:
-    return case.param_set.startswith("sizes")
+    return "sizes" in features(case.param_set)
+
+
+def _has(case, feature: str) -> bool:
+    """Does the case's parameter set build `feature` (its name, or a part of a composed set)?"""
+    return feature in features(case.param_set)
 
 
 _HUGE = {dt: torch.finfo(dt).max ** 0.5 for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
@@ -220,15 +228,15 @@ def _edge_mutants() -> tuple[EdgeMutant, ...]:
         E("edge_adam_channels_last", "Adam", "layouts", "channels_last 4-D parameters",
           _edge_class("Adam", after=_each_param(lambda o, g, p, i: True if p.dim() == 4 and not p.is_contiguous()
                                                 and p.is_contiguous(memory_format=torch.channels_last) else None)),
-          lambda c: c.param_set == "layouts"),
+          lambda c: _has(c, "layouts")),
         E("edge_sgd_grad_strides", "SGD", "layouts", "a dense parameter whose gradient has other strides",
           _edge_class("SGD", after=_each_param(lambda o, g, p, i: True if p.grad is not None and not p.grad.is_sparse
                                                and p.numel() > 1 and _dense(p) and p.grad.stride() != p.stride() else None)),
-          lambda c: c.param_set == "layouts"),
+          lambda c: _has(c, "layouts")),
         E("edge_rmsprop_transposed", "RMSprop", "layouts", "a transposed (dense, column-major) parameter",
           _edge_class("RMSprop", after=_each_param(lambda o, g, p, i: True if p.dim() == 2 and _dense(p)
                                                    and not p.is_contiguous() else None)),
-          lambda c: c.param_set == "layouts"),
+          lambda c: _has(c, "layouts")),
         E("edge_adam_nan_to_zero", "Adam", "values", "NaN in a gradient (read as 0)",
           _edge_class("Adam", grad=lambda g, p: torch.nan_to_num(g, nan=0.0, posinf=math.inf, neginf=-math.inf)
                       if g.is_floating_point() and bool(g.isnan().any()) else None),
@@ -259,10 +267,11 @@ def _edge_mutants() -> tuple[EdgeMutant, ...]:
           lambda c: c.threads > 1),
         E("edge_adam_dtype_mix", "Adam", "dtype_mix", "a group mixing dtypes",
           _edge_class("Adam", after=_each_param(lambda o, g, p, i: True if len({q.dtype for q in g["params"] if not q.is_complex()}) > 1 else None)),
-          lambda c: c.param_set == "dtype_mix"),
+          lambda c: _has(c, "dtype_mix")),
         E("edge_adamw_bfloat16", "AdamW", "low_precision", "bfloat16 parameters",
           _edge_class("AdamW", after=_each_param(lambda o, g, p, i: True if p.dtype == torch.bfloat16 else None)),
-          lambda c: c.dtype == torch.bfloat16 or c.param_set == "dtype_mix"),
+          lambda c: c.dtype == torch.bfloat16 or c.param_set == "dtype_mix"
+          or (_has(c, "dtype_mix") and c.dtype == torch.float32)),  # a composed mix adds bfloat16 to float32
         E("edge_adam_found_inf_ignored", "Adam", "amp", "GradScaler's found_inf (fused: the step is not skipped)",
           _edge_class("Adam", before=_swap_attr("found_inf", lambda fi: torch.zeros_like(fi) if fi is not None and bool(fi) else fi)),
           lambda c: c.amp and _fused(c)),
@@ -289,11 +298,152 @@ def _edge_mutants() -> tuple[EdgeMutant, ...]:
     if spec("SGD").sparse_grads:
         out.append(E("edge_sgd_sparse", "SGD", "sparse", "sparse gradients",
                      _edge_class("SGD", after=_each_param(lambda o, g, p, i: True if p.grad is not None and p.grad.is_sparse else None)),
-                     lambda c: c.param_set.startswith("sparse")))
+                     lambda c: _has(c, "sparse")))
     return tuple(m for m in out if m.algorithm in SPECS)
 
 
-EDGE_MUTANTS: tuple[EdgeMutant, ...] = _edge_mutants()
+# --- Mutants of issue 17's conditions (harness/covering.py, params.DEGENERATE, harness/amp.py):
+# kind "degenerate", "amp_recipes" or "reload" for one new condition, "interaction" for a bug that
+# needs two at once (shows_under names both); each is silent in every case lacking its condition(s).
+
+
+def _dtype_groups(group) -> dict:
+    """A param group's real tensors by dtype, in order (how foreach and fused kernels split it)."""
+    out: dict = {}
+    for q in group["params"]:
+        if not q.is_complex():
+            out.setdefault(q.dtype, []).append(q)
+    return out
+
+
+def _after_empty_in_foreach(o, g, p, i):
+    # a foreach step that drops zero-element tensors from one list but not the next: every
+    # tensor after an empty one gets its neighbour's update (here: one ULP off)
+    return True if g.get("foreach") and p.numel() and any(q.numel() == 0 for q in g["params"][:i]) else None
+
+
+def _led_by_empty(o, g, p, i):
+    # a dtype group (of a group holding several dtypes) whose first tensor is empty is mis-sized
+    groups = _dtype_groups(g)
+    same = groups.get(p.dtype, [])
+    return True if len(groups) > 1 and same and same[0].numel() == 0 and p is not same[0] else None
+
+
+def _other_dtype_beside_sparse(o, g, p, i):
+    # sparse gradients split the group: the dense remainder of the other dtype is mishandled
+    sparse = any(q.grad is not None and q.grad.is_sparse for q in g["params"])
+    first = g["params"][0].dtype
+    return True if sparse and len(_dtype_groups(g)) > 1 and p.dtype != first else None
+
+
+def _scalar_among_large(o, g, p, i):
+    return True if p.dim() == 0 and any(q.numel() >= 4096 for q in g["params"]) else None
+
+
+def _extreme_aspect(o, g, p, i):
+    return True if p.dim() == 2 and min(p.shape) == 1 and max(p.shape) >= 1024 else None
+
+
+def _all_ones_shape(o, g, p, i):
+    return True if p.dim() >= 2 and all(n == 1 for n in p.shape) else None
+
+
+def _found_inf_dropped_after_unscale(opt):
+    """before(): a fused step that honours found_inf only with grad_scale (after unscale_,
+    GradScaler passes found_inf and grad_scale None)."""
+    fi = getattr(opt, "found_inf", None)
+    if fi is None or getattr(opt, "grad_scale", None) is not None or not bool(fi):
+        return None
+    opt.found_inf = torch.zeros_like(fi)
+    return lambda: setattr(opt, "found_inf", fi)
+
+
+def _found_inf_leaks(opt):
+    """before(): found_inf kept class-wide: the next optimizer of the class stepped after one that
+    found an infinity skips too (one scaler over two optimizers: only one of them must skip)."""
+    fi = getattr(opt, "found_inf", None)
+    if fi is None:
+        return None
+    cls, mine = type(opt), bool(fi)
+    last = cls.__dict__.get("_optparity_last_found_inf")
+    cls._optparity_last_found_inf = (id(opt), mine)
+    if last is None or last[0] == id(opt) or not last[1] or mine:
+        return None
+    opt.found_inf = torch.ones_like(fi)
+    return lambda: setattr(opt, "found_inf", fi)
+
+
+def _forget_found_inf_on_init(self, *args, **kwargs):
+    type(self).__mro__[1].__init__(self, *args, **kwargs)
+    type(self)._optparity_last_found_inf = None  # a new optimizer (a new case, a reload) starts clean
+
+
+def _autocast_nudge(opt):
+    if torch.is_autocast_enabled("cpu"):
+        _each_param(lambda o, g, p, i: True)(opt)
+
+
+def _load_after_first_step_nudged(self, state_dict):
+    """load_state_dict that rounds square_avg up one ULP when the state was saved right after the
+    first step (a freshly initialised state; the standard reloads come after steps 4 and 8)."""
+    type(self).__mro__[1].load_state_dict(self, state_dict)
+    steps = [int(float(st["step"])) for st in self.state.values() if "step" in st]
+    if steps and max(steps) == 1:
+        for st in self.state.values():
+            if isinstance(st.get("square_avg"), Tensor):  # a new tensor: the caller's dict stays as it was
+                st["square_avg"] = torch.nextafter(st["square_avg"], torch.full_like(st["square_avg"], math.inf))
+
+
+def _recipe(case) -> str | None:
+    return getattr(case, "amp_recipe", None)
+
+
+def _both(*parts) -> tuple:
+    """(exposed, parts) of an interaction: every part at once."""
+    return (lambda c: all(p(c) for p in parts)), parts
+
+
+def _cover_mutants() -> tuple[EdgeMutant, ...]:
+    E = EdgeMutant
+    out = [
+        E("cover_adam_foreach_after_empty", "Adam", "interaction",
+          "foreach path x a zero-element parameter inside the group (the tensors after it)",
+          _edge_class("Adam", after=_each_param(_after_empty_in_foreach)),
+          *_both(lambda c: c.path == "foreach", lambda c: _has(c, "degenerate"))),
+        E("cover_adam_dtype_group_led_by_empty", "Adam", "interaction",
+          "dtype mix x a zero-element parameter first of its dtype group",
+          _edge_class("Adam", after=_each_param(_led_by_empty)),
+          *_both(lambda c: _has(c, "degenerate"), lambda c: _has(c, "dtype_mix"))),
+        E("cover_sgd_sparse_beside_other_dtype", "SGD", "interaction",
+          "sparse gradients x parameters of another dtype in the same group",
+          _edge_class("SGD", after=_each_param(_other_dtype_beside_sparse)),
+          *_both(lambda c: _has(c, "sparse"), lambda c: _has(c, "dtype_mix"))),
+        E("cover_adam_fused_found_inf_after_unscale", "Adam", "interaction",
+          "fused x unscale_ before step (found_inf with grad_scale None: the skip is lost)",
+          _edge_class("Adam", before=_found_inf_dropped_after_unscale),
+          *_both(lambda c: c.path == "fused", lambda c: _recipe(c) in ("unscale_clip", "two_optimizers"))),
+        E("cover_adamw_found_inf_leaks_between_optimizers", "AdamW", "interaction",
+          "fused x one GradScaler over two optimizers (the second skips when the first found inf)",
+          _edge_class("AdamW", before=_found_inf_leaks, methods={"__init__": _forget_found_inf_on_init}),
+          *_both(lambda c: c.path == "fused", lambda c: _recipe(c) == "two_optimizers")),
+        E("cover_adam_scalar_among_large", "Adam", "degenerate", "a 0-dim tensor in a group with 4096-element ones",
+          _edge_class("Adam", after=_each_param(_scalar_among_large)), lambda c: _has(c, "degenerate")),
+        E("cover_sgd_extreme_aspect", "SGD", "degenerate", "extreme aspect ratios (1x4096, 4096x1)",
+          _edge_class("SGD", after=_each_param(_extreme_aspect)), lambda c: _has(c, "degenerate")),
+        E("cover_adagrad_all_ones_shape", "Adagrad", "degenerate", "a one-element tensor of several dimensions (1x1)",
+          _edge_class("Adagrad", after=_each_param(_all_ones_shape)), lambda c: _has(c, "degenerate")),
+        E("cover_adam_step_under_autocast", "Adam", "amp_recipes", "a step taken inside torch.autocast (bfloat16)",
+          _edge_class("Adam", after=_autocast_nudge), lambda c: _recipe(c) == "bf16_autocast"),
+        E("cover_rmsprop_reload_after_first_step", "RMSprop", "reload", "a state_dict reloaded right after the first step",
+          _edge_class("RMSprop", methods={"load_state_dict": _load_after_first_step_nudged}),
+          lambda c: getattr(c, "reload", "standard") == "every_step"),
+    ]
+    return tuple(m for m in out if m.algorithm in SPECS)
+
+
+EDGE_MUTANTS: tuple[EdgeMutant, ...] = _edge_mutants() + _cover_mutants()
+# the kinds of issue 17's mutants: what `optparity selftest` and tests/test_mutants.py group them by
+COVER_KINDS = ("degenerate", "amp_recipes", "reload", "interaction")
 
 MUTANTS: tuple = ALGORITHM_MUTANTS + EDGE_MUTANTS
 

@@ -84,6 +84,8 @@ def make_params(param_set: str, dtype: torch.dtype, seed: int, second_group: dic
 
 def _make_params(param_set: str, dtype: torch.dtype, seed: int, second_group: dict,
                  differentiable: bool) -> ParamSet:
+    if param_set.startswith(COVER_PREFIX):
+        return _compose(param_set, dtype, seed, second_group, differentiable)
     if param_set in EDGE_SETS:
         return EDGE_SETS[param_set](dtype, seed, differentiable)
     gen = torch.Generator().manual_seed(seed)
@@ -358,3 +360,129 @@ EDGE_SETS: dict[str, Callable[..., ParamSet]] = {
     "many_full": lambda dtype, seed, diff: _many(dtype, seed, diff, count=3 * MANY),
     "layouts": _layouts, "values": _values, "dtype_mix": _dtype_mix,
 }
+
+
+# --- Degenerate shapes (issue 17): what real models have besides ordinary weights. Zero-element
+# parameters (an empty bias, a zero-width adapter) first, in the middle and last of the group, and
+# of each dtype group when a dtype mix splits it (the third field: which dtype group, see
+# compose()); one-element tensors; a 0-dim tensor among 4096-element ones; 1x4096 and 4096x1.
+DEGENERATE = (
+    ("empty_first", (0,), 0), ("empty_first_other_dtype", (0, 3), 1), ("scalar0d", (), 0),
+    ("one_by_one", (1, 1), 1), ("row_1x4096", (1, 4096), 0), ("empty_middle_other_dtype", (0,), 1),
+    ("empty_middle", (3, 0), 0), ("wide_2x2048", (2, 2048), 1), ("one_element", (1,), 0),
+    ("empty_last_other_dtype", (2, 0, 3), 1), ("column_4096x1", (4096, 1), 0), ("empty_last", (0, 5), 0),
+)
+
+
+def _degenerate(dtype, seed, differentiable):
+    gen = torch.Generator().manual_seed(seed)
+    tensors = [_randn(gen, shape, dtype) for _, shape, _ in DEGENERATE]
+    return _finish(tensors, [name for name, _, _ in DEGENERATE], differentiable, _plain_grads)
+
+
+EDGE_SETS["degenerate"] = _degenerate
+
+
+def _degenerate_nonempty(dtype, seed, differentiable):
+    """The degenerate set without its zero-element tensors (for a class that refuses them)."""
+    pset = _degenerate(dtype, seed, differentiable)
+    keep = [i for i, p in enumerate(pset.params) if p.numel()]
+    pset.params, pset.leaves = [pset.params[i] for i in keep], [pset.leaves[i] for i in keep]
+    pset.names, pset.groups = [pset.names[i] for i in keep], [(list(range(len(keep))), {})]
+    return pset
+
+
+EDGE_SETS["degenerate_nonempty"] = _degenerate_nonempty
+EDGE_SETS["tails"] = lambda dtype, seed, differentiable: _sizes(dtype, seed, differentiable, big=())
+
+# --- Composed sets (harness/covering.py): "cover:SHAPES+ELEMENTS+GRADS+GROUPS", each part one
+# factor of the covering design, so any two conditions can meet in one optimizer:
+#   SHAPES   plain (the "mixed" set), degenerate, layouts, sizes: the tensors and their gradients;
+#   ELEMENTS uniform; dtype_mix (the second dtype group's tensors in OTHER_DTYPE[dtype]); complex
+#            (the second group's tensors complex);
+#   GRADS    dense; sparse (COO gradients, uncoalesced, on two tensors of every three);
+#   GROUPS   one; groups (two, the second with the description's overrides); added_group (the
+#            second given to add_param_group).
+COVER_PREFIX = "cover:"
+SHAPES = ("plain", "degenerate", "layouts", "sizes")  # "degenerate_nonempty" where empties are refused
+# float16 only beside float16: GradScaler.unscale_ refuses float16 gradients (allow_fp16=False)
+OTHER_DTYPE = {torch.float32: torch.bfloat16, torch.float64: torch.float32, torch.bfloat16: torch.float32,
+               torch.float16: torch.float32}
+
+
+def composed_name(shape: str, elements: str, grads: str, groups: str) -> str:
+    return f"{COVER_PREFIX}{shape}+{elements}+{grads}+{groups}"
+
+
+def features(param_set: str) -> set[str]:
+    """The conditions a parameter set builds, by name: {"layouts"} for "layouts", each part of a
+    composed set ("cover:layouts+dtype_mix+sparse+groups"), "sparse" for every sparse-gradient set,
+    "sizes" for sizes_full, "groups" for the *_groups sets."""
+    if param_set.startswith(COVER_PREFIX):
+        return set(param_set[len(COVER_PREFIX):].split("+"))
+    out = {param_set}
+    if param_set.startswith("sparse"):
+        out.add("sparse")
+    if param_set.startswith("sizes"):
+        out.add("sizes")
+    for g in ("groups", "added_group"):
+        if param_set.endswith(g):
+            out.add(g)
+    return out
+
+
+def _second_slot(names: list[str]) -> list[bool]:
+    """Which tensors form the second dtype group: the degenerate set says, elsewhere every other one."""
+    slots = {name: slot for name, _, slot in DEGENERATE}
+    return [bool(slots[n]) if n in slots else bool(i % 2) for i, n in enumerate(names)]
+
+
+def _recast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """`t`'s numbers in `dtype`, its strides kept where it is dense (channels_last, transposed);
+    complex ones get an imaginary part of -0.5 x the real one."""
+    out = torch.empty_like(t, dtype=dtype)
+    if dtype.is_complex:
+        out.real.copy_(t)
+        out.imag.copy_(t * -0.5)
+    else:
+        out.copy_(t)
+    return out
+
+
+def _compose(param_set: str, dtype: torch.dtype, seed: int, second_group: dict, differentiable: bool) -> ParamSet:
+    shape, elements, grads, groups = param_set[len(COVER_PREFIX):].split("+")
+    if differentiable:
+        raise ValueError(f"{param_set}: composed sets are not built for differentiable=True")
+    # "sizes" here is the SIMD tails alone: the chunk-sized tensors are the sizes axis's own
+    # (their 131,109 elements made a composed case fifty times dearer)
+    base = {"plain": "mixed", "sizes": "tails"}.get(shape, shape)
+    pset = _make_params(base, dtype, seed, {}, False)
+    second = _second_slot(pset.names)
+    if elements != "uniform":
+        other = _complex_of(dtype) if elements == "complex" else OTHER_DTYPE[dtype]
+        for i, t in enumerate(pset.params):
+            if second[i]:
+                pset.params[i] = pset.leaves[i] = _recast(t.detach(), other).requires_grad_(t.requires_grad)
+    n = len(pset.params)
+    half = [list(range(n // 2)), list(range(n // 2, n))]
+    pset.groups = [(half[0], {}), (half[1], dict(second_group))] if groups != "one" else [(list(range(n)), {})]
+    pset.add_later = groups == "added_group"
+    if grads == "sparse":
+        inner = pset.grad_maker or (lambda s, k: _make_grads(_without_maker(pset), s, k))
+        pset.grad_maker = lambda s, k: _sparsified(pset, inner(s, k), k)
+    return pset
+
+
+def _without_maker(pset: ParamSet) -> ParamSet:
+    return ParamSet(pset.params, pset.leaves, pset.names, pset.groups)
+
+
+def _sparsified(pset: ParamSet, grads: list, step: int) -> list:
+    """Two gradients of every three as sparse COO tensors (uncoalesced, see _sparse_grad); empty
+    tensors keep dense gradients (a COO tensor of a zero-element shape says nothing more)."""
+    out = []
+    for i, (name, g) in enumerate(zip(pset.names, grads)):
+        if g is not None and i % 3 != 2 and g.numel() and not g.is_sparse:
+            g = _sparse_grad(f"sparse_{name}", g.contiguous(), step)
+        out.append(g)
+    return out

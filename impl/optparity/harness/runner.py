@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from optparity.harness import algorithms, bitwise, conditions, objectives, observers, schedulers, shadow as shadows
+from optparity.harness import algorithms, amp, bitwise, conditions, objectives, observers, schedulers, shadow as shadows
 from optparity.harness.bitwise import Difference, compare, max_ulp
 from optparity.harness.candidates import (NotApplicable, algorithm_of, kind_of, load_object, make_driver,
                                           options_not_accepted)
@@ -480,6 +480,7 @@ def _run(case: Case, candidate: Subject, reference: Subject, result: CaseResult,
     # lr changes and closure losses only make sense between torch.optim-style optimizers.
     drivers = [d for d in (cand, ref, forloop, *(shadow.drivers if shadow else ())) if d is not None]
     param_groups = all(getattr(d, "supports_param_groups", False) for d in drivers)
+    amp.attach(case, *drivers)  # the AMP recipes' second optimizer (harness/amp.py)
     rollback = {} if reloadable and getattr(case, "axis", "base") == "rollback" else None
     step = 0
     while not stop and step < case.steps:
@@ -504,6 +505,7 @@ def _run(case: Case, candidate: Subject, reference: Subject, result: CaseResult,
         calls = objectives.closure_calls_differ(cand, ref)
         if calls:
             tracker.record(step, "closure", None, None, None, calls)
+        amp.check_skipped(tracker, step, cand, names)  # a step GradScaler skipped left all as it was
         _compare_drivers(tracker, step, cand, ref, names)
         if scheduled:
             _compare_param_groups(tracker, step, *schedulers.live_param_groups(cand, ref))
@@ -520,9 +522,11 @@ def _run(case: Case, candidate: Subject, reference: Subject, result: CaseResult,
         if shadow is not None and not shadow.failed:
             if noise_ref is ref or forloop_ok:
                 shadow.measure(step, cand, noise_ref, names)
-        if reloadable and step in (RELOAD_OWN, CROSS_LOAD) and shadow is not None and not shadow.failed:
+        # own state_dict reloads: after RELOAD_OWN, and after every other step for reload="every_step"
+        own_reload = step == RELOAD_OWN or (getattr(case, "reload", "standard") == "every_step" and step != CROSS_LOAD)
+        if reloadable and (own_reload or step == CROSS_LOAD) and shadow is not None and not shadow.failed:
             _reload_shadow(shadow, step)  # as the two sides do: a reload casts state to the parameter's dtype
-        if reloadable and step == RELOAD_OWN:
+        if reloadable and own_reload:
             _reload(tracker, step, cand, ref, cross=False)
         if reloadable and step == CROSS_LOAD:
             # Loading each other's state_dict is a layout check: skipped when only numbers count.
