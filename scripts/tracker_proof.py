@@ -67,7 +67,9 @@ def _planted(cls, extra_elements: int, extra_temporary: bool):
                 for p in params:  # extra_elements may span several whole passes
                     # a cached 0-dim tensor: mul_(1.0) would wrap the Python scalar into a fresh
                     # tensor each call, 4 bytes the exact memory figures report (they did: +12 bytes)
-                    one = _ONES.setdefault(p.dtype, torch.ones((), dtype=p.dtype, device=p.device))
+                    if p.dtype not in _ONES:
+                        _ONES[p.dtype] = torch.ones((), dtype=p.dtype, device=p.device)
+                    one = _ONES[p.dtype]
                     left = extra_elements
                     while left > 0:
                         p.view(-1)[:left].mul_(one)
