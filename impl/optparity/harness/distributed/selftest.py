@@ -13,6 +13,8 @@ TORCH_CLASSES = (
     ("torch.distributed.optim:ZeroRedundancyOptimizer", "zero", None),
     ("torch.distributed.optim:PostLocalSGDOptimizer", "local-sgd", None),
     ("torch.distributed.algorithms.model_averaging.averagers:PeriodicModelAverager", "local-sgd", "SGD"),
+    ("torch.distributed.algorithms.model_averaging.hierarchical_model_averager:HierarchicalModelAverager",
+     "local-sgd", "SGD"),
     ("optparity.harness.distributed.adapter_example:ZeroAdapter", "adapter", "Adam"),
 )
 
