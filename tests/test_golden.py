@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from optparity.cli import main
-from optparity.harness import golden, matrix
+from optparity.harness import golden, levels, matrix
 from optparity.harness.mutants import by_name
 
 
@@ -125,6 +125,22 @@ def test_unknown_case_ids_cannot_be_compared(sgd_dir, tmp_path):
     report = golden.check_against("optparity.optim:SGD", tmp_path)
     assert report.exit_code == 2 and not report.drift and report.matched == 2
     assert "unknown to this version of the case matrix" in report.incomparable[0]
+
+
+def test_cases_the_goldens_lack_are_named_not_failed(sgd_dir, capsys):
+    # goldens recorded by an older (here: narrower) matrix: the level's cases they lack cannot be
+    # checked; the check says how many and how to re-record, and what was recorded still decides
+    narrow = ["--paths", "forloop", "--dtypes", "float32", "--param-sets", "mixed"]
+    assert main(["check", "--candidate", "optparity.optim:SGD", "--golden", str(sgd_dir), *narrow]) == 0
+    out = capsys.readouterr().out
+    recorded = set(golden.read_golden(sgd_dir / "SGD.txt").cases)
+    lacking = {c.id for c in levels.select("default", "SGD", paths=("forloop",), dtypes=(torch.float32,),
+                                           param_sets=("mixed",))} - recorded
+    assert lacking and f"NOT RECORDED: {len(lacking)} case(s) of the default level are not in SGD.txt" in out
+    assert "optparity reference record" in out and "3 cases checked, 3 match, 0 drift" in out
+    report = golden.check_against(by_name("sgd_nesterov_swapped").build(), sgd_dir, "torch.optim:SGD",
+                                  level="default", paths=("forloop",), dtypes=(torch.float32,), param_sets=("mixed",))
+    assert report.exit_code == 1 and len(report.not_recorded) == len(lacking)  # drift still fails
 
 
 def test_errors_are_fingerprints(tmp_path):
