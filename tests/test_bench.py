@@ -163,9 +163,10 @@ def test_block_timer_records_both_clocks_and_calibrates():
     assert all(r["copy_seconds"] >= 0 and r["number_per_run"] >= 1 for r in rows)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA device: CUDA events and torch.cuda.max_memory_allocated")
 def test_cuda_blocks_use_events_and_the_allocator_peak():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device: CUDA events and torch.cuda.max_memory_allocated")
     from optparity.bench import measure
 
     x = torch.zeros(1 << 20, device="cuda")
