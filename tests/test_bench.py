@@ -192,9 +192,10 @@ def test_interleaving_puts_every_benchmark_in_every_position_equally_often():
         assert all(last.count(k) == last.count(keys[0]) for k in keys), (keys, last)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA device: CUDA events and torch.cuda.max_memory_allocated")
 def test_cuda_blocks_use_events_and_the_allocator_peak():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device: CUDA events and torch.cuda.max_memory_allocated")
     from optparity.bench import measure
 
     x = torch.zeros(1 << 20, device="cuda")
