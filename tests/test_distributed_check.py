@@ -255,6 +255,7 @@ def test_torchrun_runs_the_same_check(tmp_path):
     assert doc["ok"] and {r["world_size"] for r in doc["results"]} == {2} and len(doc["results"]) == 2
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2 or not torch.distributed.is_nccl_available(),
                     reason="NCCL needs one CUDA device per rank: this machine has "
                            f"{torch.cuda.device_count()} CUDA device(s)")

@@ -16,6 +16,9 @@ TORCH_CLASSES = (
     ("torch.distributed.algorithms.model_averaging.hierarchical_model_averager:HierarchicalModelAverager",
      "local-sgd", "SGD"),
     ("optparity.harness.distributed.adapter_example:ZeroAdapter", "adapter", "Adam"),
+    # an element-wise torch.optim class is shard-safe on FSDP2 and FSDP1 (docs/distributed-check.md, "FSDP kinds")
+    ("torch.optim:Adam", "fsdp", "Adam"),
+    ("torch.optim:Adam", "fsdp1", "Adam"),
 )
 
 
