@@ -3,7 +3,10 @@ fingerprint is drift (exit 1, case, step and tensor named) while a recording fro
 capability or matrix version cannot be compared (exit 2), never drift."""
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -217,6 +220,45 @@ def test_a_forced_capability_is_not_a_machine_of_that_capability(sgd_dir, monkey
     assert "ATEN_CPU_CAPABILITY=avx2 forces" in report.incomparable[0] and "AVX512 CPU" in report.incomparable[0]
     assert main(["check", "--candidate", "optparity.optim:SGD", "--golden", str(sgd_dir)]) == 2
     assert len(_hint_lines(capsys.readouterr().out)) == 1
+
+
+def test_a_really_forced_capability_in_a_child_gets_commands_that_work(sgd_dir, tmp_path):
+    # No patching: a child under ATEN_CPU_CAPABILITY=default (ATen's scalar kernels), checked against
+    # goldens recorded here natively. The line's two commands, run as printed by a shell that still
+    # has the variable set, record this machine's goldens and match them.
+    native = torch.backends.cpu.get_cpu_capability()
+    if native == "DEFAULT":
+        pytest.skip("this CPU's own capability is DEFAULT: there is nothing narrower to force")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default",
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    narrow = "--paths forloop --dtypes float32 --param-sets mixed"
+
+    def shell(command):
+        return subprocess.run(command, shell=True, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+
+    done = shell(f"optparity check --candidate optparity.optim:SGD --golden {sgd_dir} {narrow}")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "running torch" in done.stdout and " DEFAULT\n" in done.stdout and "(this is not drift)" in done.stdout
+    (hint,) = _hint_lines(done.stdout)
+    assert f"CPU capability {native})" in hint
+    record, check = re.findall(r"`([^`]+)`", hint)
+    assert record.startswith("env -u ATEN_CPU_CAPABILITY optparity reference record --out ")
+    assert check.startswith("env -u ATEN_CPU_CAPABILITY optparity check --candidate optparity.optim:SGD")
+    done = shell(f"{record} {narrow} --no-functional -n 1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    target = golden.machine_dir(sgd_dir)
+    assert golden.read_golden(target / "SGD.txt").env["cpu_capability"] == native
+    done = shell(f"{check} {narrow}")
+    assert done.returncode == 0 and "same bits" in done.stdout, done.stdout + done.stderr
+
+
+def test_recording_under_a_forced_capability_is_refused(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    monkeypatch.setattr(golden, "forced_capability", lambda: "AVX512")
+    assert main(["reference", "record", "--out", str(tmp_path / "g"), "--algorithms", "SGD"]) == 2
+    err = capsys.readouterr().err
+    assert "ATEN_CPU_CAPABILITY=avx2 forces" in err and "env -u ATEN_CPU_CAPABILITY optparity reference record" in err
+    assert not (tmp_path / "g").exists()
 
 
 def test_forced_capability_asks_a_child_without_the_variable(monkeypatch):

@@ -77,23 +77,29 @@ def forced_capability() -> str | None:
     return out if out and out != torch.backends.cpu.get_cpu_capability() else None
 
 
+def machine_capability() -> str:
+    """The CPU's own ATen capability, whatever ATEN_CPU_CAPABILITY forces."""
+    return forced_capability() or environment()["cpu_capability"]
+
+
 def machine_dir(directory: Path) -> Path:
     """Where this machine type's goldens go by default: DIR-<platform>-<capability>, next to DIR."""
-    env = environment()
-    return directory.with_name(f"{directory.name}-{env['platform']}-{env['cpu_capability']}".lower())
+    return directory.with_name(f"{directory.name}-{environment()['platform']}-{machine_capability()}".lower())
 
 
 def record_hint(directory: Path, check_command: str, record_options: str = "") -> str:
-    """The one line that tells how to compare on this machine type: record here, then check."""
+    """The one line that tells how to compare on this machine type: record here, then check. Under
+    a forced capability both commands run without it (a forced run is refused either way)."""
     env = environment()
     out = machine_dir(directory)
     try:
         out = out.relative_to(Path.cwd())
     except ValueError:
         pass
-    return (f"goldens for this machine ({env['platform']}, CPU capability {env['cpu_capability']}): record them "
-            f"once with `optparity reference record --out {out}{record_options}`, then run "
-            f"`{check_command} --golden {out}`")
+    unset = "env -u ATEN_CPU_CAPABILITY " if forced_capability() else ""
+    return (f"goldens for this machine ({env['platform']}, CPU capability {machine_capability()}): record them "
+            f"once with `{unset}optparity reference record --out {out}{record_options}`, then run "
+            f"`{unset}{check_command} --golden {out}`")
 
 
 class GoldenError(Exception):
@@ -831,6 +837,12 @@ def _run_record(args) -> int:
         print(f"optparity reference record: unknown algorithm(s) {', '.join(unknown)}; known: "
               f"{', '.join(ALGORITHMS)}", file=sys.stderr)
         return 2
+    native = forced_capability()
+    if native:  # its goldens would match no machine, and check --golden refuses forced runs anyway
+        print(f"optparity reference record: ATEN_CPU_CAPABILITY={os.environ['ATEN_CPU_CAPABILITY']} forces "
+              f"{environment()['cpu_capability']} on a {native} CPU, which reproduces no machine's bits; record "
+              f"without it: env -u ATEN_CPU_CAPABILITY optparity reference record ...", file=sys.stderr)
+        return 2
     dtypes = tuple(levels.DTYPE_NAMES[d] for d in args.dtypes) if args.dtypes else None
 
     def cases_for(algo):
@@ -863,7 +875,8 @@ def add_parsers(sub, csv, positive_int) -> None:
     rsub = p.add_subparsers(dest="reference_command", required=True)
     r = rsub.add_parser("record", help="record golden fingerprints from the installed torch",
                         description="Run every reference over the case matrix and write one text file per "
-                                    "reference (default reference/golden/).")
+                                    "reference (default reference/golden/). Exit 0 written; 2 bad input, or "
+                                    "ATEN_CPU_CAPABILITY forces a capability narrower than the CPU's.")
     r.add_argument("--out", default=str(DEFAULT_DIR), metavar="DIR", help="default: %(default)s")
     r.add_argument("--algorithms", type=csv(list(ALGORITHMS)), help="default: all")
     r.add_argument("--level", choices=list(LEVELS), default="default", help="which cases (default: default)")
