@@ -8,7 +8,7 @@
 #
 # Everything goes under $OUT (default reports/gpu-check/<UTC time>): one log per step, the check
 # reports (JSON, JUnit, HTML), the bench run, the numerics map, and summary.txt.
-# Steps, each with its own time limit (the sum stays under 8 minutes):
+# Steps, each with its own time limit, cut to what is left of 470 s ($GPU_CHECK_BUDGET_S) from the start:
 #   1 pytest -m cuda            the tests marked as needing CUDA (tests/, suites/conformance)
 #   2 check --all --device cuda --level quick
 #   3 check --device cuda --reference-device cpu    a distance, not a proof (Adam, quick)
@@ -69,6 +69,7 @@ fi
 import importlib, json, os, shutil, subprocess, sys
 out = sys.argv[1]
 need = {"torch": "everything", "numpy": "everything", "pandas": "check reports, bench, characterize",
+        "scipy": "every optparity command (its parser imports bench's regression rule)",
         "matplotlib": "HTML plots, bench figures, the numerics heat map", "pytest": "steps 1 and 6",
         "xdist": "pytest -n (optional)", "tabulate": "markdown tables (bench, characterize)",
         "tqdm": "bench's progress bar (optional)", "expecttest": "torch's own test configurations (tests)"}
@@ -132,15 +133,23 @@ if ((dry)); then
 fi
 
 failed=0 passed=0
+# The whole script, install and preflight included, stays within 8 minutes: a step's limit is cut
+# to what is left of BUDGET_S (its own limits add up to 465 s).
+BUDGET_S=${GPU_CHECK_BUDGET_S:-470}
 # run_step NAME LIMIT_S NEEDS CMD...: the command under `timeout` (SIGTERM: check writes partial reports)
 run_step() {
-    local name=$1 limit=$2 needs=$3 t0=$SECONDS rc
+    local name=$1 limit=$2 needs=$3 t0=$SECONDS rc left
     shift 3
     for mod in $needs; do
         if ! has "$mod"; then
             say "$name: SKIPPED, needs $mod (see preflight.log)"; failed=$((failed + 1)); return
         fi
     done
+    left=$((BUDGET_S - (SECONDS - START)))
+    if ((left < 5)); then
+        say "$name: NOT RUN, the ${BUDGET_S}-s budget is spent"; failed=$((failed + 1)); return
+    fi
+    ((limit > left)) && limit=$left
     timeout --kill-after=15 "$limit" "$@" >"$OUT/$name.log" 2>&1
     rc=$?
     local verdict=ok
@@ -153,13 +162,13 @@ run_step() {
 OPT=("$PY" -m optparity)
 run_step 1-cuda-tests 90 "pytest" "$PY" -m pytest -q -p no:cacheprovider "${CUDA_TESTS[@]}" \
     --junitxml "$OUT/cuda-tests.xml"
-run_step 2-check-all-cuda 150 "pandas" "${OPT[@]}" check --all --device cuda --level quick -q -n 4 \
+run_step 2-check-all-cuda 150 "pandas scipy" "${OPT[@]}" check --all --device cuda --level quick -q -n 4 \
     --json "$OUT/check-cuda/all.json" --junit "$OUT/check-cuda/all.xml" --html "$OUT/check-cuda/html"
-run_step 3-cuda-vs-cpu 45 "pandas" "${OPT[@]}" check --candidate optparity.optim:Adam --device cuda \
+run_step 3-cuda-vs-cpu 45 "pandas scipy" "${OPT[@]}" check --candidate optparity.optim:Adam --device cuda \
     --reference-device cpu --level quick -q -n 4 --json "$OUT/cuda-vs-cpu/adam.json"
-run_step 4-bench-cuda 60 "pandas matplotlib tabulate" "${OPT[@]}" bench --device cuda --quick \
+run_step 4-bench-cuda 60 "pandas scipy matplotlib tabulate" "${OPT[@]}" bench --device cuda --quick \
     --algorithms Adam,AdamW,SGD --out "$OUT/bench" --run-name cuda --no-progress
-run_step 5-numerics-cuda 60 "pandas matplotlib tabulate" "${OPT[@]}" characterize --dtypes float32,bfloat16 \
+run_step 5-numerics-cuda 60 "pandas scipy matplotlib tabulate" "${OPT[@]}" characterize --dtypes float32,bfloat16 \
     --no-compile --steps 5 --numel 65536 --out "$OUT/numerics" -q
 run_step 6-nccl-world-size-1 60 "pytest" "$PY" -m pytest -q -p no:cacheprovider "${NCCL_TESTS[@]}" \
     --junitxml "$OUT/nccl.xml"

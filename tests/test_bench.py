@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -163,9 +164,38 @@ def test_block_timer_records_both_clocks_and_calibrates():
     assert all(r["copy_seconds"] >= 0 and r["number_per_run"] >= 1 for r in rows)
 
 
+def test_a_block_is_the_median_of_its_calls_whatever_their_count():
+    # a cold first call (here: 20 ms of busy work) must not leak into the figure through the
+    # count of calls per block, which calibration picks from a noisy single call
+    def cold_then_warm():
+        calls.append(1)
+        if len(calls) == 1:
+            end = time.process_time() + 0.02
+            while time.process_time() < end:
+                pass
+
+    for number in (3, 5, 40):
+        calls = []
+        wall, cpu = blocks.block_timer(cold_then_warm)(number)
+        assert len(calls) == number and cpu < 0.002 and wall < 0.02
+
+
+def test_interleaving_puts_every_benchmark_in_every_position_equally_often():
+    for keys in ("ab", "abc", "abcd"):
+        order = []
+        fake = {k: (lambda n, k=k: order.append(k) or (0.0, 0.0)) for k in keys}
+        blocks.interleaved(fake, lambda n: (0.0, 0.0), blocks=4 * len(keys), block_seconds=1e-4)
+        order = order[2 * len(keys):]  # calibrate() called every timer twice first
+        first = [order[i] for i in range(0, len(order), len(keys))]
+        last = [order[i + len(keys) - 1] for i in range(0, len(order), len(keys))]
+        assert all(first.count(k) == first.count(keys[0]) for k in keys), (keys, first)
+        assert all(last.count(k) == last.count(keys[0]) for k in keys), (keys, last)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA device: CUDA events and torch.cuda.max_memory_allocated")
 def test_cuda_blocks_use_events_and_the_allocator_peak():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device: CUDA events and torch.cuda.max_memory_allocated")
     from optparity.bench import measure
 
     x = torch.zeros(1 << 20, device="cuda")

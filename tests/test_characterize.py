@@ -102,6 +102,7 @@ def test_a_differing_path_is_measured_from_its_first_step(monkeypatch):
     assert row["identical"] is False and row["first_step"] == 1 and row["max_ulp"] >= 1 and row["tensor"]
 
 
+@pytest.mark.cuda  # runs everywhere; on a GPU (scripts/gpu-check.sh) the CUDA path must run
 def test_a_refused_path_is_an_error_row_not_a_crash():
     rows = ch.compare_paths("Adam", {"amsgrad": True}, torch.float32, ["forloop", "cuda-forloop"], numel=16, steps=1)
     row = _row(rows, "cuda-forloop vs forloop")

@@ -9,6 +9,7 @@
 * each interaction mutant is silent where only some of its conditions hold.
 """
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from optparity.harness import amp, check, covering, levels, params
 from optparity.harness.algorithms import ALGORITHMS, spec
 from optparity.harness.candidates import OptimizerDriver
 from optparity.harness.conditions import AMP_INF_STEPS
-from optparity.harness.mutants import EDGE_MUTANTS
+from optparity.harness.mutants import EDGE_MUTANTS, by_name
 
 
 def _default_rows(algo: str) -> list[dict]:
@@ -53,6 +54,14 @@ def test_constraints_have_reasons_and_bite():
                         named.add(bad.name)
     assert named >= {"sparse gradients x fused", "complex x float16/bfloat16", "float16 x GradScaler.unscale_",
                      "two optimizers x added_group", "GradScaler x closure-only optimizer", "complex x GradScaler"}
+
+
+def test_every_constraint_is_in_the_docs_table():
+    """docs/interactions.md lists the impossible pairs: one row per constraint, by its name."""
+    doc = (Path(__file__).parents[1] / "docs" / "interactions.md").read_text()
+    rows = {line.split("|")[1].strip() for line in doc.splitlines() if line.startswith("| ")}
+    missing = [c.name for c in covering.CONSTRAINTS if c.name not in rows]
+    assert not missing, f"constraints without a row in docs/interactions.md: {missing}"
 
 
 def test_design_is_deterministic_and_small():
@@ -142,6 +151,21 @@ def test_skipped_step_check_reports_a_changed_state():
     amp.check_skipped(tracker, 4, driver, ["p"])
     assert tracker.records and tracker.records[0][1] == "state" and "skipped" in tracker.records[0][5]
     assert driver._optparity_skips == []
+
+
+def test_a_fused_step_through_found_inf_is_reported_as_the_skipped_step():
+    """unscale_ then clip_grad_norm_: the injected infinity becomes NaN; GradScaler hands the fused
+    kernel found_inf (grad_scale None). A candidate that steps anyway is caught by the skipped-step
+    check, at that step, before the comparison with torch."""
+    row = {"path": "fused", "dtype": torch.float32, "shapes": "plain", "elements": "uniform", "grads": "dense",
+           "groups": "one", "amp": "unscale_clip", "threads": 1, "scheduler": "none", "reload": "standard",
+           "config": 0}
+    case = covering.case_of("Adam", row)
+    assert check("torch.optim:Adam", "torch.optim:Adam", algorithm="Adam", cases=[case]).ok
+    mutant = by_name("cover_adam_fused_found_inf_after_unscale")
+    first = check(mutant.build(), "torch.optim:Adam", algorithm="Adam", cases=[case]).first_failure
+    assert first is not None and first.divergence.step == AMP_INF_STEPS[0]
+    assert "GradScaler skipped this step (found_inf)" in first.message, first.message
 
 
 INTERACTIONS = [m for m in EDGE_MUTANTS if m.kind == "interaction"]

@@ -117,7 +117,9 @@ def test_averaging_identical_gradients_again_changes_no_bit(pools):
 
 @pytest.mark.parametrize("mutant", DIST_MUTANTS, ids=lambda m: m.name)
 def test_planted_bug_caught_under_its_condition_only(mutant, pools):
-    sizes, case_filter = ([2, 3], None) if FULL else ([2], C0)
+    # world size 1 shows those whose condition is "2 or more" silent without it (default run: its
+    # steps cases only)
+    sizes, case_filter = ([1, 2, 3], None) if FULL else ([1, 2], C0 + r".*/ws=(2,|1,steps)")
     report = check(mutant.candidate, kind=mutant.kind, world_sizes=sizes, algorithm=mutant.algorithm,
                    level="quick", case_filter=case_filter, pools=pools)
     exposed = [r for r in report.results if mutant.exposed(r.case)]
@@ -153,16 +155,19 @@ def _cli(*argv, timeout=300):
                           timeout=timeout, env=_env())
 
 
-@pytest.mark.parametrize("argv, says", [
-    (["--kind", "zero", "--world-sizes", "0"], "at least 1"),
-    (["--kind", "zero", "--world-sizes", "2", "--backend", "nccl"], "NCCL"),
-    (["--kind", "nonsense", "--world-sizes", "2"], "unknown --kind"),
-    (["--kind", "zero", "--world-sizes", "2", "--all"], "argument --all"),
+@pytest.mark.parametrize("candidate, argv, says", [
+    (TORCH_ZERO, ["--kind", "zero", "--world-sizes", "0"], "at least 1"),
+    (TORCH_ZERO, ["--kind", "zero", "--world-sizes", "2", "--backend", "nccl"], "NCCL"),
+    (TORCH_ZERO, ["--kind", "nonsense", "--world-sizes", "2"], "unknown --kind"),
+    (TORCH_ZERO, ["--kind", "zero", "--world-sizes", "2", "--all"], "argument --all"),
+    ("torch.optim:Adam", ["--kind", "zero", "--world-sizes", "2"], "not a ZeRO-style wrapper"),
+    ("torch.optim:Adam", ["--kind", "local-sgd", "--world-sizes", "2"], "neither a model-averaging wrapper"),
+    ("torch.optim:Adam", ["--kind", "adapter", "--world-sizes", "2"], "does not follow the adapter protocol"),
 ])
-def test_bad_input_exits_2_before_any_rank(argv, says):
+def test_bad_input_exits_2_before_any_rank(candidate, argv, says):
     if "nccl" in argv and torch.cuda.device_count() >= 2:
         pytest.skip("this machine has the GPUs NCCL needs")
-    out = _cli("--candidate", TORCH_ZERO, *argv)
+    out = _cli("--candidate", candidate, *argv)
     assert out.returncode == 2, out.stderr
     assert says in out.stderr
 
@@ -200,7 +205,11 @@ def test_cli_exit_1_names_first_divergence_and_writes_reports(tmp_path):
     row = doc["results"][0]
     assert row["world_size"] == 2 and row["kind"] == "zero" and row["first_divergence"]["world_size"] == 2
     assert row["first_divergence"]["rank"] in (0, 1)
-    assert "<failure" in (tmp_path / "r.xml").read_text() and (tmp_path / "h" / "index.html").exists()
+    junit = (tmp_path / "r.xml").read_text()
+    where = f"rank {row['first_divergence']['rank']} of world size 2"
+    assert "<failure" in junit and where in junit and "ws=2,steps" in junit
+    html = "".join(f.read_text() for f in (tmp_path / "h").rglob("*.html"))
+    assert where in html and "ws=2,steps" in html
 
 
 def test_pytest_plugin_runs_distributed_cases(tmp_path):
@@ -232,6 +241,7 @@ def test_torchrun_runs_the_same_check(tmp_path):
     assert doc["ok"] and {r["world_size"] for r in doc["results"]} == {2} and len(doc["results"]) == 2
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2 or not torch.distributed.is_nccl_available(),
                     reason="NCCL needs one CUDA device per rank: this machine has "
                            f"{torch.cuda.device_count()} CUDA device(s)")
@@ -239,3 +249,47 @@ def test_nccl_backend_same_check():
     report = check(TORCH_ZERO, kind="zero", world_sizes=[2], backend="nccl", algorithm="Adam", level="quick",
                    case_filter=C0)
     assert report.ok and all(r.case.backend == "nccl" for r in report.results), report.first_failure
+
+
+def test_optparity_local_sgd_passes(pools):
+    """optparity's PostLocalSGDOptimizer (given torch's averager) and HierarchicalModelAverager (in
+    torch's wrapper) against torch's own, one steps case per averaging variant."""
+    wrapper = check("optparity.distributed:PostLocalSGDOptimizer", kind="local-sgd", world_sizes=[2], algorithm="SGD",
+                    level="quick", case_filter=C0 + ".*,steps", pools=pools)
+    assert len(wrapper.results) == 3 and wrapper.ok, wrapper.first_failure
+    assert all(r.verdict == Verdict.BIT_IDENTICAL for r in wrapper.results)
+    averager = check("optparity.distributed:HierarchicalModelAverager", kind="local-sgd", world_sizes=[2],
+                     algorithm="SGD", level="quick", case_filter=C0 + ".*,steps,hierarchical", pools=pools)
+    assert [r.verdict for r in averager.results] == [Verdict.BIT_IDENTICAL], averager.first_failure
+
+
+# --- real candidates: the finding table of docs/distributed-check.md ------------------------------
+
+# (candidate, kind, algorithm: None = the level's algorithms): every one bit-identical at the
+# default level, world sizes 2 and 3 (the table's figures; the default run above checks one case
+# of each of torch's, optparity's and fairscale's ZeRO and of the local-sgd classes)
+REAL_CANDIDATES = [
+    (TORCH_ZERO, "zero", None),
+    ("optparity.distributed:ZeroRedundancyOptimizer", "zero", None),
+    ("fairscale.optim.oss:OSS", "zero", None),
+    (TORCH_LOCAL_SGD, "local-sgd", "SGD"),
+    ("torch.distributed.algorithms.model_averaging.averagers:PeriodicModelAverager", "local-sgd", "SGD"),
+    ("torch.distributed.algorithms.model_averaging.hierarchical_model_averager:HierarchicalModelAverager",
+     "local-sgd", "SGD"),
+    ("optparity.distributed:PostLocalSGDOptimizer", "local-sgd", "SGD"),
+    ("optparity.distributed:PeriodicModelAverager", "local-sgd", "SGD"),
+    ("optparity.distributed:HierarchicalModelAverager", "local-sgd", "SGD"),
+]
+
+
+@pytest.mark.skipif(not FULL, reason="the finding table's default level, world sizes 2 and 3 (many minutes): "
+                                     "OPTPARITY_TEST_LEVEL=full")
+@pytest.mark.parametrize("candidate, kind, algorithm", REAL_CANDIDATES, ids=lambda v: str(v).rsplit(":", 1)[-1])
+def test_finding_table_real_candidates(candidate, kind, algorithm, pools):
+    if candidate.startswith("fairscale"):
+        pytest.importorskip("fairscale", reason="fairscale is not installed (pip install --no-deps fairscale)")
+    report = check(candidate, kind=kind, world_sizes=[2, 3], algorithm=algorithm, level="default", pools=pools)
+    verdicts = {r.verdict for r in report.results}
+    # a periodic averager cannot run the hierarchical variant, nor a hierarchical one the periodic ones
+    allowed = {Verdict.BIT_IDENTICAL} | ({Verdict.NOT_APPLICABLE} if "Averager" in candidate else set())
+    assert Verdict.BIT_IDENTICAL in verdicts and verdicts <= allowed, report.first_failure

@@ -3,13 +3,16 @@ fingerprint is drift (exit 1, case, step and tensor named) while a recording fro
 capability or matrix version cannot be compared (exit 2), never drift."""
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from optparity.cli import main
-from optparity.harness import golden, matrix
+from optparity.harness import golden, levels, matrix
 from optparity.harness.mutants import by_name
 
 
@@ -124,6 +127,22 @@ def test_unknown_case_ids_cannot_be_compared(sgd_dir, tmp_path):
     assert "unknown to this version of the case matrix" in report.incomparable[0]
 
 
+def test_cases_the_goldens_lack_are_named_not_failed(sgd_dir, capsys):
+    # goldens recorded by an older (here: narrower) matrix: the level's cases they lack cannot be
+    # checked; the check says how many and how to re-record, and what was recorded still decides
+    narrow = ["--paths", "forloop", "--dtypes", "float32", "--param-sets", "mixed"]
+    assert main(["check", "--candidate", "optparity.optim:SGD", "--golden", str(sgd_dir), *narrow]) == 0
+    out = capsys.readouterr().out
+    recorded = set(golden.read_golden(sgd_dir / "SGD.txt").cases)
+    lacking = {c.id for c in levels.select("default", "SGD", paths=("forloop",), dtypes=(torch.float32,),
+                                           param_sets=("mixed",))} - recorded
+    assert lacking and f"NOT RECORDED: {len(lacking)} case(s) of the default level are not in SGD.txt" in out
+    assert "optparity reference record" in out and "3 cases checked, 3 match, 0 drift" in out
+    report = golden.check_against(by_name("sgd_nesterov_swapped").build(), sgd_dir, "torch.optim:SGD",
+                                  level="default", paths=("forloop",), dtypes=(torch.float32,), param_sets=("mixed",))
+    assert report.exit_code == 1 and len(report.not_recorded) == len(lacking)  # drift still fails
+
+
 def test_errors_are_fingerprints(tmp_path):
     capturable = next(c.config_index for c in _cases("Adam") if c.config.get("capturable"))
     _record(tmp_path, "Adam", configs={0, capturable})
@@ -201,6 +220,45 @@ def test_a_forced_capability_is_not_a_machine_of_that_capability(sgd_dir, monkey
     assert "ATEN_CPU_CAPABILITY=avx2 forces" in report.incomparable[0] and "AVX512 CPU" in report.incomparable[0]
     assert main(["check", "--candidate", "optparity.optim:SGD", "--golden", str(sgd_dir)]) == 2
     assert len(_hint_lines(capsys.readouterr().out)) == 1
+
+
+def test_a_really_forced_capability_in_a_child_gets_commands_that_work(sgd_dir, tmp_path):
+    # No patching: a child under ATEN_CPU_CAPABILITY=default (ATen's scalar kernels), checked against
+    # goldens recorded here natively. The line's two commands, run as printed by a shell that still
+    # has the variable set, record this machine's goldens and match them.
+    native = torch.backends.cpu.get_cpu_capability()
+    if native == "DEFAULT":
+        pytest.skip("this CPU's own capability is DEFAULT: there is nothing narrower to force")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default",
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    narrow = "--paths forloop --dtypes float32 --param-sets mixed"
+
+    def shell(command):
+        return subprocess.run(command, shell=True, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+
+    done = shell(f"optparity check --candidate optparity.optim:SGD --golden {sgd_dir} {narrow}")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "running torch" in done.stdout and " DEFAULT\n" in done.stdout and "(this is not drift)" in done.stdout
+    (hint,) = _hint_lines(done.stdout)
+    assert f"CPU capability {native})" in hint
+    record, check = re.findall(r"`([^`]+)`", hint)
+    assert record.startswith("env -u ATEN_CPU_CAPABILITY optparity reference record --out ")
+    assert check.startswith("env -u ATEN_CPU_CAPABILITY optparity check --candidate optparity.optim:SGD")
+    done = shell(f"{record} {narrow} --no-functional -n 1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    target = golden.machine_dir(sgd_dir)
+    assert golden.read_golden(target / "SGD.txt").env["cpu_capability"] == native
+    done = shell(f"{check} {narrow}")
+    assert done.returncode == 0 and "same bits" in done.stdout, done.stdout + done.stderr
+
+
+def test_recording_under_a_forced_capability_is_refused(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    monkeypatch.setattr(golden, "forced_capability", lambda: "AVX512")
+    assert main(["reference", "record", "--out", str(tmp_path / "g"), "--algorithms", "SGD"]) == 2
+    err = capsys.readouterr().err
+    assert "ATEN_CPU_CAPABILITY=avx2 forces" in err and "env -u ATEN_CPU_CAPABILITY optparity reference record" in err
+    assert not (tmp_path / "g").exists()
 
 
 def test_forced_capability_asks_a_child_without_the_variable(monkeypatch):

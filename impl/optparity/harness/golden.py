@@ -77,23 +77,29 @@ def forced_capability() -> str | None:
     return out if out and out != torch.backends.cpu.get_cpu_capability() else None
 
 
+def machine_capability() -> str:
+    """The CPU's own ATen capability, whatever ATEN_CPU_CAPABILITY forces."""
+    return forced_capability() or environment()["cpu_capability"]
+
+
 def machine_dir(directory: Path) -> Path:
     """Where this machine type's goldens go by default: DIR-<platform>-<capability>, next to DIR."""
-    env = environment()
-    return directory.with_name(f"{directory.name}-{env['platform']}-{env['cpu_capability']}".lower())
+    return directory.with_name(f"{directory.name}-{environment()['platform']}-{machine_capability()}".lower())
 
 
 def record_hint(directory: Path, check_command: str, record_options: str = "") -> str:
-    """The one line that tells how to compare on this machine type: record here, then check."""
+    """The one line that tells how to compare on this machine type: record here, then check. Under
+    a forced capability both commands run without it (a forced run is refused either way)."""
     env = environment()
     out = machine_dir(directory)
     try:
         out = out.relative_to(Path.cwd())
     except ValueError:
         pass
-    return (f"goldens for this machine ({env['platform']}, CPU capability {env['cpu_capability']}): record them "
-            f"once with `optparity reference record --out {out}{record_options}`, then run "
-            f"`{check_command} --golden {out}`")
+    unset = "env -u ATEN_CPU_CAPABILITY " if forced_capability() else ""
+    return (f"goldens for this machine ({env['platform']}, CPU capability {machine_capability()}): record them "
+            f"once with `{unset}optparity reference record --out {out}{record_options}`, then run "
+            f"`{unset}{check_command} --golden {out}`")
 
 
 class GoldenError(Exception):
@@ -540,6 +546,10 @@ class GoldenReport:
     skipped: int = 0
     drift: list[Drift] = field(default_factory=list)
     incomparable: list[str] = field(default_factory=list)  # why some or all could not be compared
+    # cases of the level asked that the golden file lacks (recorded by an older matrix, or a
+    # narrower recording): not checked, said so, but no failure: what was recorded still holds
+    not_recorded: list[str] = field(default_factory=list)
+    level: str | None = None
     other_machine: bool = False  # recorded on another machine type (record_hint says what to do)
 
     @property
@@ -561,12 +571,18 @@ class GoldenReport:
         lines += [f"  CANNOT COMPARE: {why}" for why in self.incomparable[:limit]]
         if len(self.incomparable) > limit:
             lines.append(f"  ... and {len(self.incomparable) - limit} more that cannot be compared")
+        if self.not_recorded:
+            lines.append(f"  NOT RECORDED: {len(self.not_recorded)} case(s) of the {self.level} level are not in "
+                         f"{self.golden.name if self.golden else 'the golden file'} (e.g. {self.not_recorded[0]}), "
+                         "so they were not checked: a recording of an older case matrix or a narrower one; "
+                         "re-record with: optparity reference record")
         lines += [f"  DRIFT {d.describe()}" for d in self.drift[:limit]]
         if len(self.drift) > limit:
             lines.append(f"  ... and {len(self.drift) - limit} more drifted cases")
         verdict = {0: "same bits", 1: "DRIFT", 2: "CANNOT COMPARE"}[self.exit_code]
         lines.append(f"  {self.checked} cases checked, {self.matched} match, {len(self.drift)} drift, "
-                     f"{self.skipped} not applicable: {verdict}")
+                     f"{self.skipped} not applicable"
+                     + (f", {len(self.not_recorded)} not recorded" if self.not_recorded else "") + f": {verdict}")
         return "\n".join(lines)
 
 
@@ -638,13 +654,14 @@ def _selected(case: Case, paths, dtypes, param_sets) -> bool:
 def check_against(candidate: Any, golden: Path | GoldenFile | None = None, reference: str | None = None,
                   *, algorithm: str | None = None, paths=None, dtypes=None, param_sets=None,
                   case_filter: str | None = None, level_ids=None, fail_fast: bool = False, threads: int | None = 1, running: dict[str, str] | None = None,
-                  progress=None) -> GoldenReport:
+                  progress=None, level: str | None = None) -> GoldenReport:
     """Check `candidate` against recorded fingerprints instead of running the reference.
 
     golden: a golden directory (default reference/golden), a file, or a read GoldenFile; the file
     used is the one recording `reference` (default: torch.optim's class for the candidate's
     algorithm). paths/dtypes/param_sets/case_filter narrow the recorded cases (None: all of them);
-    level_ids(algorithm) -> case ids, when given, too.
+    level_ids(algorithm) -> case ids, when given, too. level: name the cases of that level (so
+    narrowed) that the file lacks in report.not_recorded (they cannot be checked).
     """
     from optparity.harness.runner import Subject, default_reference, matches_filter
 
@@ -702,6 +719,13 @@ def check_against(candidate: Any, golden: Path | GoldenFile | None = None, refer
     if changed:
         report.incomparable.append(f"{len(changed)} case(s) now have another seed than recorded (e.g. {changed[0]})")
     wanted = level_ids(gfile.algorithm) if level_ids is not None else None
+    if level is not None:
+        from optparity.harness import levels
+
+        report.level = level
+        report.not_recorded = [c.id for c in levels.select(level, gfile.algorithm, paths=paths, dtypes=dtypes,
+                                                           param_sets=param_sets, steps=own)
+                               if c.id not in gfile.cases and matches_filter(c.id, case_filter)]
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -762,7 +786,7 @@ def run_golden_check(args, pairs: list[tuple[str, str | None]] | None = None, dt
             report = check_against(candidate, directory, reference, algorithm=getattr(args, "algorithm", None),
                                    paths=args.paths, dtypes=dtypes, param_sets=args.param_sets,
                                    case_filter=getattr(args, "case_filter", None), fail_fast=args.fail_fast,
-                                   threads=getattr(args, "threads", 1),
+                                   threads=getattr(args, "threads", 1), level=level or "default",
                                    level_ids=(lambda algo: {c.id for c in levels.select(level, algo)})
                                    if level not in (None, "default") else None)
         except (ValueError, TypeError) as e:
@@ -778,7 +802,9 @@ def run_golden_check(args, pairs: list[tuple[str, str | None]] | None = None, dt
     if len(reports) > 1:
         print(f"\nall: {len(reports)} candidates, {sum(r.checked for r in reports)} cases checked, "
               f"{sum(len(r.drift) for r in reports)} drift, "
-              f"{sum(1 for r in reports if r.incomparable)} candidate(s) not fully comparable: "
+              + (f"{sum(len(r.not_recorded) for r in reports)} not recorded (not checked), "
+                 if any(r.not_recorded for r in reports) else "")
+              + f"{sum(1 for r in reports if r.incomparable)} candidate(s) not fully comparable: "
               + {0: "same bits", 1: "DRIFT", 2: "CANNOT COMPARE"}[code])
     return code
 
@@ -810,6 +836,12 @@ def _run_record(args) -> int:
     if unknown:
         print(f"optparity reference record: unknown algorithm(s) {', '.join(unknown)}; known: "
               f"{', '.join(ALGORITHMS)}", file=sys.stderr)
+        return 2
+    native = forced_capability()
+    if native:  # its goldens would match no machine, and check --golden refuses forced runs anyway
+        print(f"optparity reference record: ATEN_CPU_CAPABILITY={os.environ['ATEN_CPU_CAPABILITY']} forces "
+              f"{environment()['cpu_capability']} on a {native} CPU, which reproduces no machine's bits; record "
+              f"without it: env -u ATEN_CPU_CAPABILITY optparity reference record ...", file=sys.stderr)
         return 2
     dtypes = tuple(levels.DTYPE_NAMES[d] for d in args.dtypes) if args.dtypes else None
 
@@ -843,7 +875,8 @@ def add_parsers(sub, csv, positive_int) -> None:
     rsub = p.add_subparsers(dest="reference_command", required=True)
     r = rsub.add_parser("record", help="record golden fingerprints from the installed torch",
                         description="Run every reference over the case matrix and write one text file per "
-                                    "reference (default reference/golden/).")
+                                    "reference (default reference/golden/). Exit 0 written; 2 bad input, or "
+                                    "ATEN_CPU_CAPABILITY forces a capability narrower than the CPU's.")
     r.add_argument("--out", default=str(DEFAULT_DIR), metavar="DIR", help="default: %(default)s")
     r.add_argument("--algorithms", type=csv(list(ALGORITHMS)), help="default: all")
     r.add_argument("--level", choices=list(LEVELS), default="default", help="which cases (default: default)")

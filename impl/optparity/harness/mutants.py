@@ -329,6 +329,13 @@ def _led_by_empty(o, g, p, i):
     return True if len(groups) > 1 and same and same[0].numel() == 0 and p is not same[0] else None
 
 
+def _before_trailing_empty(o, g, p, i):
+    # a fused step that finds each dtype bucket's end from its last tensor: a bucket ending in a
+    # zero-element tensor mis-sizes the tensor before it (here: one ULP off)
+    same = _dtype_groups(g).get(p.dtype, []) if g.get("fused") else []
+    return True if len(same) >= 2 and same[-1].numel() == 0 and p is same[-2] else None
+
+
 def _other_dtype_beside_sparse(o, g, p, i):
     # sparse gradients split the group: the dense remainder of the other dtype is mishandled
     sparse = any(q.grad is not None and q.grad.is_sparse for q in g["params"])
@@ -414,6 +421,10 @@ def _cover_mutants() -> tuple[EdgeMutant, ...]:
           "dtype mix x a zero-element parameter first of its dtype group",
           _edge_class("Adam", after=_each_param(_led_by_empty)),
           *_both(lambda c: _has(c, "degenerate"), lambda c: _has(c, "dtype_mix"))),
+        E("cover_adam_fused_bucket_ending_empty", "Adam", "interaction",
+          "fused x a zero-element parameter last of its dtype bucket (the tensor before it)",
+          _edge_class("Adam", after=_each_param(_before_trailing_empty)),
+          *_both(lambda c: c.path == "fused", lambda c: _has(c, "degenerate"))),
         E("cover_sgd_sparse_beside_other_dtype", "SGD", "interaction",
           "sparse gradients x parameters of another dtype in the same group",
           _edge_class("SGD", after=_each_param(_other_dtype_beside_sparse)),

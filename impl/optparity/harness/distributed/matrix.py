@@ -8,6 +8,8 @@ world sizes, the kind's conditions (base.CONDITIONS) and its variants.
   default  quick, plus every configuration at float32 and float64 under "steps", and config 0 on
            every path (for-loop, foreach, fused where torch has it)
   full     default, plus every condition at float64 and every configuration on every path
+The sweeps over configurations, dtypes and paths run under a kind's first variant only (local-sgd:
+period 2, no warm-up); the other variants run the quick rows (and float64 at full).
 """
 from __future__ import annotations
 
@@ -49,20 +51,24 @@ def build_cases(driver, algo: str, level: str, world_sizes, backend: str, *, dty
     cfgs = matrix.configs(algo)
     usable = [i for i, c in enumerate(cfgs) if _usable(c)]
     rep = [i for i in matrix.representative(algo) if i in usable] or usable[:1]
-    rows = []  # (condition, config indices, paths, dtypes)
+    rows = []  # (condition, config indices, paths, dtypes, every variant?)
     f32, f64 = (torch.float32,), (torch.float64,)
     for condition in (conditions or driver.conditions):
         if condition == "steps":
-            rows.append((condition, rep, ("default",), f32))
+            rows.append((condition, rep, ("default",), f32, True))
             if level != "quick":
-                rows.append((condition, usable, ("default",), f32 + f64))
-                rows.append((condition, usable[:1] if level == "default" else usable, matrix.PATHS, f32))
+                # the sweep of the wrapped algorithm's configurations, dtypes and paths: under the
+                # first variant only (a variant is the wrapper's own setting, e.g. the averaging period)
+                rows.append((condition, usable, ("default",), f32 + f64, False))
+                rows.append((condition, usable[:1] if level == "default" else usable, matrix.PATHS, f32, False))
         else:
-            rows.append((condition, rep, ("default",), f32 + (f64 if level == "full" else ())))
+            rows.append((condition, rep, ("default",), f32 + (f64 if level == "full" else ()), True))
     cases, seen = [], set()
     for ws in world_sizes:
-        for variant in driver.variants(level):
-            for condition, indices, row_paths, row_dtypes in rows:
+        for number, variant in enumerate(driver.variants(level)):
+            for condition, indices, row_paths, row_dtypes, every_variant in rows:
+                if number > 0 and not every_variant:
+                    continue
                 if condition in ("reload_down", "reload_up") and ws < 2:
                     continue
                 pset = _param_set(algo, condition)

@@ -109,6 +109,21 @@ class ZeroLoadAssumesSavedWorldSize(ZeroRedundancyOptimizer):
             self._clear_cache()
 
 
+# --- adapter -------------------------------------------------------------------------------------
+
+from optparity.harness.distributed.adapter_example import ZeroAdapter  # noqa: E402
+
+
+class AdapterLrOnInnerOptimizer(ZeroAdapter):
+    """The adapter protocol's example given the scale_lr its users write first: the lr is changed on
+    the inner per-rank optimizer, and ZeroRedundancyOptimizer.step() copies the exposed param
+    groups' (unchanged) lr over it, so the change is lost."""
+
+    def scale_lr(self, factor):
+        for group in self.opt.optim.param_groups:
+            group["lr"] = group["lr"] * factor
+
+
 # --- local-sgd -----------------------------------------------------------------------------------
 
 from torch.distributed.algorithms.model_averaging import utils as _averaging_utils  # noqa: E402
@@ -166,8 +181,9 @@ _HERE = __name__
 
 
 def _periodic(case) -> bool:
-    """A PeriodicModelAverager case (a hierarchical one is not applicable to a periodic averager)."""
-    return not case.variant.get("hierarchical")
+    """A PeriodicModelAverager case (a hierarchical one is not applicable to a periodic averager)
+    over 2 or more ranks (averaging one rank's parameters leaves them as they are)."""
+    return not case.variant.get("hierarchical") and case.world_size >= 2
 
 DIST_MUTANTS: tuple[DistMutant, ...] = (
     DistMutant("zero_grads_averaged_twice", "zero", f"{_HERE}:ZeroDividesByWorldSize",
@@ -183,12 +199,14 @@ DIST_MUTANTS: tuple[DistMutant, ...] = (
                "world size 2 or more (another rank's shard of the state)", lambda c: c.world_size >= 2),
     DistMutant("zero_load_at_other_world_size", "zero", f"{_HERE}:ZeroLoadAssumesSavedWorldSize",
                "a state_dict loaded at another world size", lambda c: c.condition in ("reload_down", "reload_up")),
+    DistMutant("adapter_lr_on_inner_optimizer", "adapter", f"{_HERE}:AdapterLrOnInnerOptimizer",
+               "an lr change mid-run", lambda c: c.condition == "lr_change"),
     DistMutant("local_sgd_period_off_by_one", "local-sgd", f"{_HERE}:AveragerPeriodOffByOne",
-               "an averaging period of 2 or more", lambda c: _periodic(c) and c.variant.get("period", 1) >= 2, algorithm="SGD"),
+               "an averaging period of 2 or more, world size 2 or more", lambda c: _periodic(c) and c.variant.get("period", 1) >= 2, algorithm="SGD"),
     DistMutant("local_sgd_averages_in_warmup", "local-sgd", f"{_HERE}:AveragerDuringWarmup",
-               "warm-up steps", lambda c: _periodic(c) and c.variant.get("warmup", 0) > 0, algorithm="SGD"),
+               "warm-up steps, world size 2 or more", lambda c: _periodic(c) and c.variant.get("warmup", 0) > 0, algorithm="SGD"),
     DistMutant("local_sgd_sum_not_mean", "local-sgd", f"{_HERE}:AveragerSums",
-               "world size 2 or more", lambda c: _periodic(c) and c.world_size >= 2, algorithm="SGD"),
+               "world size 2 or more", _periodic, algorithm="SGD"),
 )
 
 
