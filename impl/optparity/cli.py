@@ -498,7 +498,7 @@ def _run_selftest(args) -> int:
                 alarms.append(f"{algo}: {report.first_failure.message}")
         print(f"\ntorch.optim against itself: {'no false alarm' if not alarms else 'FALSE ALARMS: ' + '; '.join(alarms)}")
         torch_distributed = distributed.torch_alarms()
-        print("torch's distributed classes (ZeRO, PostLocalSGDOptimizer, averager): "
+        print("torch's distributed classes (ZeRO, PostLocalSGDOptimizer, averagers): "
               + ("no false alarm" if not torch_distributed else "FALSE ALARMS: " + "; ".join(torch_distributed)))
         alarms += torch_distributed
     caught = int(table["caught"].sum())
