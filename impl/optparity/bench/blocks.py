@@ -73,11 +73,18 @@ def block_timer(fn: Callable[[], object], device: str = "cpu") -> Timer:
     return run_cpu
 
 
-def calibrate(run: Timer, block_seconds: float) -> int:
-    """Calls per block so that a block takes about block_seconds of CPU time (the smaller of two
-    single calls' CPU times, so that one disturbed call does not shrink every block)."""
-    once = min(run(1)[1], run(1)[1])
-    return max(1, min(MAX_NUMBER, round(block_seconds / max(once, 1e-9))))
+MIN_CALLS = 10            # a block's median needs enough calls: Adam 1M (4-5 ms a step) got 4-5 in 20 ms
+MAX_BLOCK_SECONDS = 0.1   # ... but steps of tens of ms keep short blocks (the 16M matrix stays affordable)
+
+
+def calibrate(run: Timer, block_seconds: float, min_calls: int = 1) -> int:
+    """Calls per block so that a block takes about block_seconds of CPU time, or min_calls calls
+    where that is longer, up to MAX_BLOCK_SECONDS (the smaller of two single calls' CPU times, so
+    that one disturbed call does not shrink every block). The median of 4-5 calls spread the
+    optparity/torch ratio of Adam 1M over about +-10% under load; min_calls sets a floor."""
+    once = max(min(run(1)[1], run(1)[1]), 1e-9)
+    target = max(block_seconds, min(min_calls * once, MAX_BLOCK_SECONDS))
+    return max(1, min(MAX_NUMBER, round(target / once)))
 
 
 REFERENCE_ELEMENTS = 1 << 22  # 16 MiB per fp32 tensor, 32 MiB moved: past the private caches
@@ -90,14 +97,17 @@ def copy_reference(device: str = "cpu", numel: int = REFERENCE_ELEMENTS) -> tupl
     return (lambda: dst.copy_(src)), 2 * numel * src.element_size()
 
 
-def interleaved(timers: dict[str, Timer], reference: Timer, blocks: int, block_seconds: float) -> list[dict]:
+def interleaved(timers: dict[str, Timer], reference: Timer, blocks: int, block_seconds: float, *,
+                min_calls: int = 1, first_block: int = 0) -> list[dict]:
     """`blocks` rounds over every timer in rotating order, each round followed by one reference
     call. One row per timer and block: key, block, seconds and cpu_seconds (per call),
-    number_per_run, copy_seconds and copy_cpu_seconds (the reference of that block)."""
+    number_per_run, copy_seconds and copy_cpu_seconds (the reference of that block). Blocks are
+    numbered from first_block, and the rotation continues from there (a run measured in several
+    segments, one per memory layout, keeps the rotation of one long run)."""
     keys = list(timers)
-    numbers = {k: calibrate(timers[k], block_seconds) for k in keys}
+    numbers = {k: calibrate(timers[k], block_seconds, min_calls) for k in keys}
     rows = []
-    for b in range(blocks):
+    for b in range(first_block, first_block + blocks):
         # each rotation forwards, then reversed: over 2 x len(keys) blocks every key takes every
         # position equally often (rotating on every block and reversing odd ones put A first in
         # every block of a pair, and never B or D first in a group of four)
