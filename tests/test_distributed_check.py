@@ -290,7 +290,7 @@ REAL_CANDIDATES = [
     ("torch.distributed.algorithms.model_averaging.averagers:PeriodicModelAverager", "local-sgd", "SGD"),
     ("torch.distributed.algorithms.model_averaging.hierarchical_model_averager:HierarchicalModelAverager",
      "local-sgd", "SGD"),
-    ("optparity.distributed:PostLocalSGDOptimizer", "local-sgd", "SGD"),
+    ("optparity.distributed:PostLocalSGDOptimizer", "local-sgd", None),
     ("optparity.distributed:PeriodicModelAverager", "local-sgd", "SGD"),
     ("optparity.distributed:HierarchicalModelAverager", "local-sgd", "SGD"),
 ]

@@ -124,7 +124,8 @@ _COLUMNS_HELP = """summary columns (one row per algorithm, path, dtype; counts o
   fused_vs_forloop_ulp
                fused cases only, informational: the candidate's largest ULP distance from torch's
                for-loop path on the same case (torch's fused kernels are not bit-equal to its
-               for-loop path by design; huge on gapped views, where torch's fused CPU kernel is wrong)
+               for-loop path by design; on gapped views torch's fused CPU kernel is wrong: a candidate
+               copying it reads huge there, a correct one 0, and the case says "reference suspect")
 then "by cause" names what the failing cases share (an option, parameter set, dtype or path)."""
 
 
