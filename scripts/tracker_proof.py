@@ -1,7 +1,7 @@
 """Benchmark of the regression tracker itself: does `optparity bench --baseline` stay quiet on an
 unchanged commit and catch planted regressions, every time and only where they are?
 
-    .venv/bin/python scripts/tracker_proof.py --reps 5            (about 15-25 min on a 2-core box)
+    .venv/bin/python scripts/tracker_proof.py --reps 5            (about 8-12 min on a 2-core box)
 
 Per repetition, five bench runs of the same small matrix (Adam and SGD, optparity and torch,
 forloop and foreach, 1M float32), each compared with the first the way a CI does it:
