@@ -216,6 +216,24 @@ def test_a_group_is_measured_over_fresh_tensor_layouts(monkeypatch):
     assert memory  # memory still recorded, once
 
 
+def test_cpu_blocks_alternate_single_calls_of_the_paths():
+    calls = []
+
+    def timer(key, cost):
+        def run(number):
+            return cost, cost
+
+        run.once = lambda: calls.append(key) or (cost, cost)
+        return run
+
+    rows = blocks.interleaved({"a": timer("a", 1e-3), "b": timer("b", 2e-3)}, lambda n: (0.0, 0.0), blocks=2,
+                              block_seconds=4e-3)
+    # calibration: a 4 calls, b 2: every path gets the median count, 3, in alternating sweeps
+    assert all(r["number_per_run"] == 3 for r in rows)
+    assert calls == ["a", "b", "b", "a", "a", "b"] + ["b", "a", "a", "b", "b", "a"]
+    assert {(r["key"], r["cpu_seconds"]) for r in rows} == {("a", 1e-3), ("b", 2e-3)}
+
+
 def test_segments_keep_the_rotation_of_one_long_run():
     keys = "abcd"
     order, split = [], []
