@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -161,6 +162,102 @@ def test_block_timer_records_both_clocks_and_calibrates():
     rows = blocks.interleaved({"a": timer, "b": timer}, timer, blocks=3, block_seconds=1e-4)
     assert [(r["key"], r["block"]) for r in rows] == [(k, b) for b in range(3) for k in ("a", "b")]
     assert all(r["copy_seconds"] >= 0 and r["number_per_run"] >= 1 for r in rows)
+
+
+def test_a_block_is_the_median_of_its_calls_whatever_their_count():
+    # a cold first call (here: 20 ms of busy work) must not leak into the figure through the
+    # count of calls per block, which calibration picks from a noisy single call
+    def cold_then_warm():
+        calls.append(1)
+        if len(calls) == 1:
+            end = time.process_time() + 0.02
+            while time.process_time() < end:
+                pass
+
+    for number in (3, 5, 40):
+        calls = []
+        wall, cpu = blocks.block_timer(cold_then_warm)(number)
+        assert len(calls) == number and cpu < 0.002 and wall < 0.02
+
+
+def test_a_block_holds_at_least_min_calls_up_to_the_longest_block():
+    def fixed(cpu):
+        return lambda n: (cpu, cpu)
+
+    assert blocks.calibrate(fixed(0.004), 0.02) == 5                       # 20 ms of a 4 ms step
+    assert blocks.calibrate(fixed(0.004), 0.02, min_calls=10) == 10        # the floor of calls
+    assert blocks.calibrate(fixed(0.001), 0.02, min_calls=10) == 20        # short steps: the duration rules
+    long = blocks.calibrate(fixed(0.05), 0.02, min_calls=10)               # 50 ms steps: capped block
+    assert long == round(blocks.MAX_BLOCK_SECONDS / 0.05) < 10
+
+
+def test_a_group_is_measured_over_fresh_tensor_layouts(monkeypatch):
+    from optparity.bench import measure
+
+    made = []
+    real = measure.prepared
+
+    def recording(*args, **kwargs):
+        opt = real(*args, **kwargs)
+        made.append((args[1], opt.param_groups[0]["params"][0].data_ptr()))
+        return opt
+
+    monkeypatch.setattr(measure, "prepared", recording)
+    budget = measure.Budget(blocks=10, block_seconds=1e-4, memory_samples=1, min_calls=1, layouts=4)
+    cases = [measure.Case("SGD", i, "1M", "float32") for i in ("optparity-foreach", "torch-foreach")]
+    timing, memory = measure.measure_group(cases, threads=1, budget=budget)
+    # four segments, each with its own optimizers, allocated while the previous ones were alive
+    for impl in ("optparity-foreach", "torch-foreach"):
+        ptrs = [p for i, p in made if i == impl]
+        assert len(ptrs) == 4 and len(set(ptrs)) == 4
+    # the blocks are numbered straight through the segments (10 = 3 + 3 + 2 + 2), once per case
+    for c in cases:
+        assert sorted(r["block"] for r in timing if r["benchmark"] == c.benchmark) == list(range(10))
+    assert memory  # memory still recorded, once
+
+
+def test_cpu_blocks_alternate_single_calls_of_the_paths():
+    calls = []
+
+    def timer(key, cost):
+        def run(number):
+            return cost, cost
+
+        run.once = lambda: calls.append(key) or (cost, cost)
+        return run
+
+    rows = blocks.interleaved({"a": timer("a", 1e-3), "b": timer("b", 2e-3)}, lambda n: (0.0, 0.0), blocks=2,
+                              block_seconds=4e-3)
+    # calibration: a 4 calls, b 2: every path gets the median count, 3, in alternating sweeps
+    assert all(r["number_per_run"] == 3 for r in rows)
+    assert calls == ["a", "b", "b", "a", "a", "b"] + ["b", "a", "a", "b", "b", "a"]
+    assert {(r["key"], r["cpu_seconds"]) for r in rows} == {("a", 1e-3), ("b", 2e-3)}
+
+
+def test_segments_keep_the_rotation_of_one_long_run():
+    keys = "abcd"
+    order, split = [], []
+    fake = {k: (lambda n, k=k: order.append(k) or (0.0, 0.0)) for k in keys}
+    blocks.interleaved(fake, lambda n: (0.0, 0.0), blocks=16, block_seconds=1e-4)
+    whole, order[:] = order[2 * len(keys):], []
+    for first in (0, 5, 11):
+        blocks.interleaved(fake, lambda n: (0.0, 0.0), blocks={0: 5, 5: 6, 11: 5}[first], block_seconds=1e-4,
+                           first_block=first)
+        split += order[2 * len(keys):]
+        order[:] = []
+    assert split == whole
+
+
+def test_interleaving_puts_every_benchmark_in_every_position_equally_often():
+    for keys in ("ab", "abc", "abcd"):
+        order = []
+        fake = {k: (lambda n, k=k: order.append(k) or (0.0, 0.0)) for k in keys}
+        blocks.interleaved(fake, lambda n: (0.0, 0.0), blocks=4 * len(keys), block_seconds=1e-4)
+        order = order[2 * len(keys):]  # calibrate() called every timer twice first
+        first = [order[i] for i in range(0, len(order), len(keys))]
+        last = [order[i + len(keys) - 1] for i in range(0, len(order), len(keys))]
+        assert all(first.count(k) == first.count(keys[0]) for k in keys), (keys, first)
+        assert all(last.count(k) == last.count(keys[0]) for k in keys), (keys, last)
 
 
 @pytest.mark.cuda

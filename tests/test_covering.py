@@ -9,6 +9,9 @@
 * each interaction mutant is silent where only some of its conditions hold.
 """
 import itertools
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,6 +65,19 @@ def test_every_constraint_is_in_the_docs_table():
     rows = {line.split("|")[1].strip() for line in doc.splitlines() if line.startswith("| ")}
     missing = [c.name for c in covering.CONSTRAINTS if c.name not in rows]
     assert not missing, f"constraints without a row in docs/interactions.md: {missing}"
+
+
+def test_building_the_design_leaves_forked_workers_usable():
+    """The design asks torch (torch_refuses) in the process that then forks the check's workers;
+    sparse gradients there must not start OpenMP's pool, or every later check runs in one process.
+    A fresh interpreter: this test process may have run parallel regions already."""
+    code = ("import importlib, torch\n"
+            "from optparity.harness import covering\n"
+            "covering.factors('Adagrad'); covering.torch_refuses('SGD', 0, 'forloop', sparse=True)\n"
+            "print(importlib.import_module('optparity.harness.check')._forked_openmp_works(30.0))\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.stdout.strip() == "True", out.stderr[-2000:]
 
 
 def test_design_is_deterministic_and_small():

@@ -129,6 +129,20 @@ def test_planted_bug_caught_under_its_condition_only(mutant, pools):
     assert not missed and not flagged, (missed, flagged)
 
 
+def test_selftest_reports_distributed_mutants(pools):
+    """`optparity selftest`'s distributed rows: a mutant counts as caught only by a case carrying its
+    condition (the adapter one: lr_change, reached after the adapter's other conditions passed)."""
+    from optparity.harness.distributed import selftest
+
+    assert set(selftest.names()) == {m.name for m in DIST_MUTANTS}
+    rows = selftest.mutant_rows(["zero_grads_averaged_twice", "adapter_lr_on_inner_optimizer"], pools=pools)
+    assert [(r["mutant"], r["caught"]) for r in rows] == [("zero_grads_averaged_twice", True),
+                                                          ("adapter_lr_on_inner_optimizer", True)]
+    adapter = rows[1]
+    assert adapter["axis"] == "distributed:adapter" and "lr_change" in adapter["first_divergence"]
+    assert adapter["cases_until_caught"] > 1
+
+
 # --- ranks that fail -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fault, verdict, says", [
@@ -161,8 +175,6 @@ def _cli(*argv, timeout=300):
     (TORCH_ZERO, ["--kind", "nonsense", "--world-sizes", "2"], "unknown --kind"),
     (TORCH_ZERO, ["--kind", "zero", "--world-sizes", "2", "--all"], "argument --all"),
     ("torch.optim:Adam", ["--kind", "zero", "--world-sizes", "2"], "not a ZeRO-style wrapper"),
-    ("torch.optim:Adam", ["--kind", "local-sgd", "--world-sizes", "2"], "neither a model-averaging wrapper"),
-    ("torch.optim:Adam", ["--kind", "adapter", "--world-sizes", "2"], "does not follow the adapter protocol"),
 ])
 def test_bad_input_exits_2_before_any_rank(candidate, argv, says):
     if "nccl" in argv and torch.cuda.device_count() >= 2:
@@ -185,6 +197,8 @@ def test_api_refuses_bad_input_before_any_rank():
         prepare("torch.optim:Adam", kind="zero", world_sizes=[2])
     with pytest.raises(UsageError, match="at least 1"):
         prepare(TORCH_ZERO, kind="zero", world_sizes=[0])
+    with pytest.raises(UsageError, match="neither a model-averaging wrapper"):
+        prepare("torch.optim:Adam", kind="local-sgd", world_sizes=[2])
 
     class Local(torch.optim.SGD):
         pass
@@ -276,7 +290,7 @@ REAL_CANDIDATES = [
     ("torch.distributed.algorithms.model_averaging.averagers:PeriodicModelAverager", "local-sgd", "SGD"),
     ("torch.distributed.algorithms.model_averaging.hierarchical_model_averager:HierarchicalModelAverager",
      "local-sgd", "SGD"),
-    ("optparity.distributed:PostLocalSGDOptimizer", "local-sgd", "SGD"),
+    ("optparity.distributed:PostLocalSGDOptimizer", "local-sgd", None),
     ("optparity.distributed:PeriodicModelAverager", "local-sgd", "SGD"),
     ("optparity.distributed:HierarchicalModelAverager", "local-sgd", "SGD"),
 ]

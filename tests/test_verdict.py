@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -371,6 +372,13 @@ def test_candidate_module_in_the_working_directory_imports_like_python_m(tmp_pat
                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "reference: torch.optim:AdamW" in out.stdout and "exit 0" in out.stdout
+    # the plugin's command-line form too, from pytest's own script (which does not add the folder)
+    pytest_script = Path(sys.executable).parent / "pytest"
+    out = subprocess.run([str(pytest_script), "-p", "no:xdist", "-p", "no:cacheprovider", "-q",
+                          "--optparity-candidate", "myopt:MyAdamW", "--optparity-level", "quick",
+                          "-k", "forloop and float32 and groups and c0"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and " passed" in out.stdout, out.stdout + out.stderr
 
 
 def test_subclass_is_recognised_by_its_torch_base():

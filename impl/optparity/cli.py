@@ -124,7 +124,8 @@ _COLUMNS_HELP = """summary columns (one row per algorithm, path, dtype; counts o
   fused_vs_forloop_ulp
                fused cases only, informational: the candidate's largest ULP distance from torch's
                for-loop path on the same case (torch's fused kernels are not bit-equal to its
-               for-loop path by design; huge on gapped views, where torch's fused CPU kernel is wrong)
+               for-loop path by design; on gapped views torch's fused CPU kernel is wrong: a candidate
+               copying it reads huge there, a correct one 0, and the case says "reference suspect")
 then "by cause" names what the failing cases share (an option, parameter set, dtype or path)."""
 
 
@@ -497,7 +498,7 @@ def _run_selftest(args) -> int:
                 alarms.append(f"{algo}: {report.first_failure.message}")
         print(f"\ntorch.optim against itself: {'no false alarm' if not alarms else 'FALSE ALARMS: ' + '; '.join(alarms)}")
         torch_distributed = distributed.torch_alarms()
-        print("torch's distributed classes (ZeRO, PostLocalSGDOptimizer, averager): "
+        print("torch's distributed classes (ZeRO, PostLocalSGDOptimizer, averagers): "
               + ("no false alarm" if not torch_distributed else "FALSE ALARMS: " + "; ".join(torch_distributed)))
         alarms += torch_distributed
     caught = int(table["caught"].sum())

@@ -11,6 +11,8 @@ xdist (-n) and JUnit (--junitxml) apply. Two ways in:
 """
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 # optparity itself (torch, the algorithm registry) is imported only when the plugin is used, so a
@@ -143,6 +145,10 @@ def pytest_make_collect_report(collector):
     candidate = config.getoption("--optparity-candidate")
     if not candidate or not isinstance(collector, pytest.Session) or report.outcome != "passed":
         return report
+    # like `optparity check`: a candidate module in the folder pytest was started from imports
+    here = str(config.invocation_params.dir)
+    if here not in sys.path and "" not in sys.path:
+        sys.path.insert(0, here)
     options = {"level": config.getoption("--optparity-level") or "default",
                "numerics_only": config.getoption("--optparity-numerics-only"), **_distributed_options(config)}
     try:

@@ -57,14 +57,15 @@ def _whole_dict(optim, flavour: str):
 def rollback(rank, ws, flavour: str, how: str):
     """Train, checkpoint, train on, roll back in place, train again; the full state after it.
 
-    how: "shards" (optim_state.save/load_optim_state_shards, every flavour), "state_dict" (the
+    how: "shards" (optim_state.save/load_optim_state_shards, every flavour), "full" (the shards
+    merged into one FQN-keyed dict, loaded with optim_state.load_full_optim_state), "state_dict" (the
     optimizer's own state_dict/load_state_dict: plain torch.optim, either ZeRO) or "fresh" (the
     reference: a new optimizer loads the checkpoint, as torch.optim would resume)."""
     warnings.filterwarnings("ignore", module="torch")
     model = _model(flavour)
     optim = _optim(model, flavour)
     R.train(model, optim, range(0, SAVE_AFTER))
-    if how == "shards":
+    if how in ("shards", "full"):
         shard = ost.optim_state_shard(optim, model)
         shards: list = [None] * ws
         dist.all_gather_object(shards, shard)
@@ -85,6 +86,8 @@ def rollback(rank, ws, flavour: str, how: str):
                 p.copy_(params[n])
     if how == "shards":
         ost.load_optim_state_shards(optim, model, shards)
+    elif how == "full":
+        ost.load_full_optim_state(optim, model, ost.shards_to_full(shards))
     else:
         optim.load_state_dict(saved)
     after_load = _state_of(model, optim, flavour)

@@ -7,11 +7,11 @@ larger than BASE: a one-sided Mann-Whitney U test (scipy, exact for small sample
 below `delta` can never be called whatever the sample size. The p-values of all benchmarks
 compared at once go through Benjamini-Hochberg (false discovery rate `q`).
 
-Verdicts: REGRESSION (significant after the correction), "needs re-measurement" (significant,
-but not yet confirmed by fresh samples, or the median moved by more than delta without being
-significant), "faster" (the mirror test), "no change". Re-measurement (compare --remeasure,
-bench --baseline) measures only the suspicious benchmarks again and calls a regression only when
-the fresh samples, tested on their own, are significant too: two independent passes must agree.
+Verdicts: REGRESSION (significant after the correction), "faster" (the mirror test), "no change".
+Re-measurement (compare --remeasure, bench --baseline) measures only the significant benchmarks
+again, in a fresh process or at least fresh tensors, and calls a regression only when the fresh
+samples, tested on their own, are significant too: the finding must replicate. A suspect whose
+re-measurement is not significant is "not confirmed on re-measurement".
 The displayed confidence interval of the median ratio is a percentile bootstrap.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ MIN_SAMPLES = 4      # with fewer samples per side no test can reach significanc
 BOOTSTRAP_SEED = 19  # the interval is reproducible from the same samples
 
 REGRESSION = "REGRESSION"
-REMEASURE = "needs re-measurement"
+REMEASURE = "needs re-measurement"  # no longer given by the rule; tables written before it changed still read
 FASTER = "faster"
 SAME = "no change"
 NOT_CONFIRMED = "not confirmed on re-measurement"
@@ -98,27 +98,30 @@ def test_all(samples: dict[str, tuple[np.ndarray, np.ndarray]], rule: Rule) -> p
 
 
 def first_pass(tested: pd.DataFrame, rule: Rule) -> pd.Series:
-    """Verdict from one pass of samples: significant slowdowns are regressions unless they are
-    re-measured (then they are suspects); a median beyond min_effect without significance is a
-    suspect too, so that a real but noisy slowdown gets its second look."""
+    """Verdict from one pass of samples: a significant slowdown is a regression (a suspect, when
+    the comparison re-measures); anything else is not. A median beyond min_effect without
+    significance is not a suspect: in the first tracker proof, such suspects called on the
+    re-measurement alone made 4 of 5 false alarms and none of the 9 detections."""
     verdict = pd.Series(SAME, index=tested.index, dtype=object)
     verdict[tested["faster"]] = FASTER
-    verdict[(tested["ratio"] > 1 + rule.min_effect) & ~tested["slower"]] = REMEASURE
     verdict[tested["slower"]] = REGRESSION
     verdict[tested["p_slower"].isna()] = TOO_FEW
     return verdict
 
 
 def suspects(verdict: pd.Series) -> list[str]:
+    """What a re-measurement measures again: the first pass's significant slowdowns."""
     return list(verdict.index[verdict.isin([REGRESSION, REMEASURE])])
 
 
 def second_pass(verdict: pd.Series, retested: pd.DataFrame) -> pd.Series:
-    """Final verdict after re-measuring the suspects: a regression only where the fresh samples,
-    corrected over the re-measured benchmarks alone, are significant as well."""
+    """Final verdict after re-measuring the suspects: replication. A regression only where the
+    first pass was significant and the fresh samples, corrected over the re-measured benchmarks
+    alone, are significant as well; a suspect that is not re-measured stays unconfirmed."""
     out = verdict.copy()
     for name in suspects(verdict):
-        out[name] = REGRESSION if name in retested.index and bool(retested.loc[name, "slower"]) else NOT_CONFIRMED
+        replicated = verdict[name] == REGRESSION and name in retested.index and bool(retested.loc[name, "slower"])
+        out[name] = REGRESSION if replicated else NOT_CONFIRMED
     return out
 
 

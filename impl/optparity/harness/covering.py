@@ -87,12 +87,19 @@ def torch_refuses(algo: str, config_index: int, path: str = "forloop", sparse: b
                       if sparse and q is p else g)
         return torch.tensor(1.0)
 
+    # one thread: this runs in the process that then forks the check's workers, and a parallel
+    # region run here (sparse coalescing enters one whatever the size) leaves GNU OpenMP's pool
+    # broken in forked children, so check.run would fall back to a single in-process worker
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         opt = spec(algo).torch_class()(ps, **kwargs)
         for _ in range(STEPS // 2):
             opt.step(closure)
     except Exception as e:  # noqa: BLE001 - any refusal
         return f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    finally:
+        torch.set_num_threads(previous)
     return None
 
 

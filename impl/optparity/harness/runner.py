@@ -473,7 +473,7 @@ def _run(case: Case, candidate: Subject, reference: Subject, result: CaseResult,
     observer = observers.Observer(tracker, cand, ref, names) if cand is not None and ref is not None else None
     scheduled = bool(case.scheduler) and observer is not None and observer.active
     if scheduled:  # the same LR scheduler steps both (harness/schedulers.py)
-        schedulers.attach(case, cand, ref, *(shadow.drivers if shadow else ()))
+        schedulers.attach(case, cand, ref, *(d for d in (forloop, *(shadow.drivers if shadow else ())) if d is not None))
     differentiable = bool(case.config.get("differentiable"))
     reloadable = (not differentiable and getattr(cand, "supports_state_dict", False)
                   and getattr(ref, "supports_state_dict", False))
@@ -482,15 +482,22 @@ def _run(case: Case, candidate: Subject, reference: Subject, result: CaseResult,
     param_groups = all(getattr(d, "supports_param_groups", False) for d in drivers)
     amp.attach(case, *drivers)  # the AMP recipes' second optimizer (harness/amp.py)
     rollback = {} if reloadable and getattr(case, "axis", "base") == "rollback" else None
+    # torch's for-loop path and the shadow follow the two sides through every reload and rollback
+    bystanders = [d for d in (forloop, *(shadow.drivers if shadow else ())) if d is not None]
+    crossed = False  # the two sides have loaded each other's state
     step = 0
     while not stop and step < case.steps:
         if rollback is not None:
             _rollback(tracker, step, cand, ref, rollback)
+            if not _rollback_own(step, bystanders, rollback) and shadow is not None and not shadow.failed:
+                shadow.failed = f"the shadow could not load its own state back at step {step}"
         step += 1
         on_step(step)
         grads = make_grads(pset_r, case.seed, step)
-        # the shadow's own copies first: the reference's zero_grad (observers.py) zeroes `grads` in place
+        # the shadow's and the for-loop path's own copies first: the reference's zero_grad
+        # (observers.py) zeroes `grads` in place
         shadow_grads = shadow.private_grads(grads) if shadow is not None and not shadow.failed else None
+        forloop_grads = _clone(grads) if forloop is not None else None
         loss_r, e_ref = _attempt(lambda: conditions.step(case, ref, grads, step))
         loss_c, e_cand = _attempt(lambda: conditions.step(case, cand, _clone(grads, to_candidate), step))
         if _same_error(tracker, step, e_cand, e_ref):
@@ -513,19 +520,23 @@ def _run(case: Case, candidate: Subject, reference: Subject, result: CaseResult,
             observer.after_step(step)
         if differentiable and step == 1:
             _compare_backward(tracker, step, pset_c, pset_r)
-        forloop_ok = forloop is not None and _attempt(lambda: conditions.step(case, forloop, _clone(grads), step))[1] is None
-        if forloop_ok:
+        forloop_ok = forloop is not None and _attempt(lambda: conditions.step(case, forloop, forloop_grads, step))[1] is None
+        # after the cross-load the candidate carries a suspect reference's state: measured no further
+        carries_suspect = bool(result.reference_suspect) and crossed
+        if forloop_ok and not carries_suspect:
             for pc, pf in zip(cand.pset.params, forloop.pset.params):
                 ulps = max_ulp(pc, pf)
                 if ulps is not None:
                     result.fused_vs_forloop_ulp = max(result.fused_vs_forloop_ulp, ulps)
-        if shadow is not None and not shadow.failed:
+        if shadow is not None and not shadow.failed and not carries_suspect:
             if noise_ref is ref or forloop_ok:
                 shadow.measure(step, cand, noise_ref, names)
         # own state_dict reloads: after RELOAD_OWN, and after every other step for reload="every_step"
         own_reload = step == RELOAD_OWN or (getattr(case, "reload", "standard") == "every_step" and step != CROSS_LOAD)
         if reloadable and (own_reload or step == CROSS_LOAD) and shadow is not None and not shadow.failed:
             _reload_shadow(shadow, step)  # as the two sides do: a reload casts state to the parameter's dtype
+        if reloadable and (own_reload or step == CROSS_LOAD) and forloop_ok:
+            _attempt(lambda: forloop.reload(forloop.state_dict()))
         if reloadable and own_reload:
             _reload(tracker, step, cand, ref, cross=False)
         if reloadable and step == CROSS_LOAD:
@@ -534,12 +545,15 @@ def _run(case: Case, candidate: Subject, reference: Subject, result: CaseResult,
                 _compare_param_groups_of(tracker, step, cand, ref)
             else:
                 _reload(tracker, step, cand, ref, cross=True)
+                crossed = tracker.crossed = True
         if step == LR_CHANGE and param_groups:
             for driver in drivers:
                 driver.scale_lr(0.5)
     result.steps_run = step
     _classify(result, tracker, options)
     if with_shadow:
+        if result.reference_suspect and crossed and shadow is not None:
+            shadow.until = CROSS_LOAD
         _judge_by_shadow(result, tracker, shadow, no_shadow)
 
 
@@ -572,6 +586,9 @@ def _judge_by_shadow(result: CaseResult, tracker: _Tracker, shadow, no_shadow: s
         return
     nan_inf = bool(tracker.nan or tracker.inf)
     basis = "torch's for-loop path stands in for the suspect reference" if result.reference_suspect else ""
+    if getattr(shadow, "until", None):
+        basis += (f", steps 1-{shadow.until} (after them the candidate carries the suspect reference's state, "
+                  f"loaded at step {shadow.until})")
     verdict = shadow.verdict(nan_inf, ROUNDING, DIFFERENT_MATH, basis)
     others = tracker.numeric_where - {"param", "state"}
     if others:  # a closure's loss, a gradient through the step: no shadow of theirs, named instead
@@ -622,7 +639,9 @@ def _classify(result: CaseResult, tracker: _Tracker, options: RunOptions) -> Non
     if result.reference_suspect and result.verdict != Verdict.BIT_IDENTICAL:
         result.message += f"; reference suspect: {result.reference_suspect}"
         if result.fused_vs_forloop_ulp is not None:
-            result.message += f" (the candidate is {result.fused_vs_forloop_ulp} ulp from torch's for-loop path)"
+            until = f" over steps 1-{CROSS_LOAD}" if getattr(tracker, "crossed", False) else ""
+            result.message += (f" (the candidate is {result.fused_vs_forloop_ulp} ulp from torch's for-loop "
+                               f"path{until})")
     if tracker.first_api is not None and result.verdict != Verdict.API_DIFFERS:
         result.message += f"; also API/layout: {tracker.first_api.describe()}"
     if tracker.layout and tracker.layout not in result.message:
@@ -737,6 +756,20 @@ def _rollback(tracker: _Tracker, step: int, cand, ref, saved: dict) -> None:
                                f"loading the state_dict of step {save_at} back in place failed: candidate: "
                                f"{_error_text(e_c) if e_c else 'ok'} | reference: {_error_text(e_r) if e_r else 'ok'}")
             _compare_drivers(tracker, step, cand, ref, cand.pset.names)
+
+
+def _rollback_own(step: int, drivers: list, saved: dict) -> bool:
+    """The rollback axis for drivers beside the two sides (the shadow, torch's for-loop path):
+    each loads its own state of the same earlier step back. False when one cannot."""
+    ok = True
+    for save_at, load_at in ROLLBACKS:
+        key = ("own", load_at)
+        if step == save_at:
+            saved[key] = [_attempt(d.state_dict) for d in drivers]
+        elif step == load_at and key in saved:
+            for d, (sd, e) in zip(drivers, saved.pop(key)):
+                ok = ok and e is None and _attempt(lambda: d.opt.load_state_dict(sd))[1] is None
+    return ok
 
 
 def _grad_through_step(pset):

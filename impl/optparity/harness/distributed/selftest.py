@@ -13,7 +13,12 @@ TORCH_CLASSES = (
     ("torch.distributed.optim:ZeroRedundancyOptimizer", "zero", None),
     ("torch.distributed.optim:PostLocalSGDOptimizer", "local-sgd", None),
     ("torch.distributed.algorithms.model_averaging.averagers:PeriodicModelAverager", "local-sgd", "SGD"),
+    ("torch.distributed.algorithms.model_averaging.hierarchical_model_averager:HierarchicalModelAverager",
+     "local-sgd", "SGD"),
     ("optparity.harness.distributed.adapter_example:ZeroAdapter", "adapter", "Adam"),
+    # an element-wise torch.optim class is shard-safe on FSDP2 and FSDP1 (docs/distributed-check.md, "FSDP kinds")
+    ("torch.optim:Adam", "fsdp", "Adam"),
+    ("torch.optim:Adam", "fsdp1", "Adam"),
 )
 
 

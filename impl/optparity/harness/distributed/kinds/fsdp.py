@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import os
 import warnings
 
 import torch
@@ -38,6 +39,10 @@ from optparity.harness.candidates import NotApplicable, algorithm_of, options_no
 from optparity.harness.distributed.base import Driver, OptimizerSide, RankContext
 
 FLAVOURS = {"fsdp": "fsdp2", "fsdp1": "fsdp1"}
+# The fused path's reference: "sharded" (the check: torch's class on the same sharding, bit for
+# bit); "unsharded" / "unsharded-forloop" measure how far sharding moves torch's own fused rounding
+# (scripts/fsdp_findings.py sets it; the ranks inherit the environment)
+FUSED_REFERENCE_ENV = "OPTPARITY_FSDP_FUSED_REFERENCE"
 _MESHES: dict[tuple, object] = {}
 
 
@@ -259,7 +264,13 @@ class FsdpDriver(Driver):
         hyper = copy.deepcopy(hyper)  # a tensor lr must not be shared with the candidate (schedulers write it)
         cls = ctx.reference or torch_class(algorithm)
         if ctx.case.path == "fused":
-            return FsdpSide(cls, params, groups, hyper, self.flavour, ctx)
+            against = os.environ.get(FUSED_REFERENCE_ENV, "sharded")
+            if against not in ("sharded", "unsharded", "unsharded-forloop"):
+                raise ValueError(f"{FUSED_REFERENCE_ENV}={against!r}: sharded, unsharded or unsharded-forloop")
+            if against == "sharded":
+                return FsdpSide(cls, params, groups, hyper, self.flavour, ctx)
+            if against == "unsharded-forloop":
+                hyper = {k: v for k, v in hyper.items() if k != "fused"}  # the CPU's default: for-loop
         return OptimizerSide(cls(groups, **hyper))
 
 
