@@ -138,6 +138,7 @@ def test_functional_classes_default_to_upstreams_functional_reference():
 
 def test_json_and_junit_of_several_reports_are_the_plain_documents(tmp_path):
     # finished reports are serialised once and reused (check --all rewrites its outputs often)
+    from optparity import versions
     from optparity.harness import report as rp
     from optparity.harness.check import check
 
@@ -147,7 +148,8 @@ def test_json_and_junit_of_several_reports_are_the_plain_documents(tmp_path):
     for docs in (reps, reps + [unfinished]):
         for _ in range(2):
             rp.write_json(docs, tmp_path / "r.json")
-        want = {"ok": all(r.ok for r in docs), "cases": sum(len(r.results) for r in docs),
+        want = {"ok": all(r.ok for r in docs), "torch": versions.info(), "version_drift": [],
+                "cases": sum(len(r.results) for r in docs),
                 "failed": sum(len(r.failed) for r in docs),
                 "counts": rp.counts([x for r in docs for x in r.results]), "reports": [rp.report_doc(r) for r in docs]}
         assert json.loads((tmp_path / "r.json").read_text()) == json.loads(json.dumps(want, default=str))

@@ -252,6 +252,14 @@ class _Outputs:
         self.last, self.interval = 0.0, 1.0
 
     @staticmethod
+    def unwritable(args) -> str | None:
+        """Why one of the reports --json, --junit, --html asks for cannot be written, or None."""
+        wanted = [("--json", args.json), ("--junit", args.junit)]
+        if args.html:
+            wanted.append(("--html", str(Path(args.html) / "index.html")))
+        return next((why for flag, path in wanted if path and (why := _Outputs.check_writable(flag, path))), None)
+
+    @staticmethod
     def check_writable(flag: str, path: str) -> str | None:
         """Why `path` cannot be written, or None. Missing directories are created only below the
         working directory (reports/check/all.json in a fresh checkout); elsewhere they must exist."""
@@ -373,14 +381,9 @@ def _check_command(args) -> int:
         return usage(str(e))
     if not plans:
         return usage("no case to run for any candidate with these options")
-    for flag, path in (("--json", args.json), ("--junit", args.junit)):
-        why = path and _Outputs.check_writable(flag, path)
-        if why:
-            return usage(why)
-    if args.html:
-        why = _Outputs.check_writable("--html", str(Path(args.html) / "index.html"))
-        if why:
-            return usage(why)
+    why = _Outputs.unwritable(args)
+    if why:
+        return usage(why)
     outputs = _Outputs(args.json, args.junit)
     reports, progress = [], None
     try:

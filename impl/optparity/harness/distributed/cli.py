@@ -72,16 +72,9 @@ def run_distributed_check(args, usage) -> int:
                        hyper=dict(args.hyper), numerics_only=args.numerics_only, max_ulp=args.max_ulp)
     except UsageError as e:
         return usage(str(e))
-    for flag, path in (("--json", args.json), ("--junit", args.junit)):
-        why = path and _Outputs.check_writable(flag, path)
-        if why:
-            return usage(why)
-    if args.html:
-        from pathlib import Path
-
-        why = _Outputs.check_writable("--html", str(Path(args.html) / "index.html"))
-        if why:
-            return usage(why)
+    why = _Outputs.unwritable(args)
+    if why:
+        return usage(why)
     leader = _leader()
     outputs = _Outputs(args.json if leader else None, args.junit if leader else None)
     report = plan.new_report()
