@@ -209,7 +209,8 @@ def test_a_group_is_measured_over_fresh_tensor_layouts(monkeypatch):
     # four segments, each with its own optimizers, allocated while the previous ones were alive
     for impl in ("optparity-foreach", "torch-foreach"):
         ptrs = [p for i, p in made if i == impl]
-        assert len(ptrs) == 4 and len(set(ptrs)) == 4
+        # only the previous segment is alive at allocation: segment 3 may reuse segment 1's memory
+        assert len(ptrs) == 4 and all(a != b for a, b in zip(ptrs, ptrs[1:])), ptrs
     # the blocks are numbered straight through the segments (10 = 3 + 3 + 2 + 2), once per case
     for c in cases:
         assert sorted(r["block"] for r in timing if r["benchmark"] == c.benchmark) == list(range(10))

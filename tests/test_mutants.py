@@ -39,9 +39,15 @@ def test_mutant_is_caught(mutant):
     if isinstance(mutant, EdgeMutant):
         # the base matrix is proven not to catch it (below): start where its condition is
         cases = [c for c in levels.select("default", mutant.algorithm) if c.axis != "base" or mutant.exposed(c)]
-    report = check(mutant.build(), f"torch.optim:{mutant.algorithm}", algorithm=mutant.algorithm,
-                   fail_fast=True, cases=cases, level=_level_for(mutant))
-    first = report.first_failure
+    for _ in range(5):
+        report = check(mutant.build(), f"torch.optim:{mutant.algorithm}", algorithm=mutant.algorithm,
+                       fail_fast=True, cases=cases, level=_level_for(mutant))
+        first = report.first_failure
+        if first is None or "reference suspect" not in first.message:
+            break
+        # torch is the suspect there (its fused kernel on a gapped view): not the mutant's doing
+        pool = cases if cases is not None else levels.select(_level_for(mutant), mutant.algorithm)
+        cases = [c for c in pool if c.id != first.case.id]
     assert first is not None, f"{mutant.name} slipped through {len(report.results)} cases"
     assert not report.ok
     assert first.divergence.step >= 1 and first.message
