@@ -1,7 +1,8 @@
 """Benchmark of the regression tracker itself: does `optparity bench --baseline` stay quiet on an
 unchanged commit and catch planted regressions, every time and only where they are?
 
-    .venv/bin/python scripts/tracker_proof.py --reps 5            (about 8-12 min on a 2-core box)
+    .venv/bin/python scripts/tracker_proof.py --reps 5   (about 8-12 min on a 2-core box; about 20 min more
+                                                          with the instruction counts)
 
 Per repetition, five bench runs of the same small matrix (Adam and SGD, optparity and torch,
 forloop and foreach, 1M float32), each compared with the first the way a CI does it:
@@ -14,13 +15,19 @@ forloop and foreach, 1M float32), each compared with the first the way a CI does
              state-sized temporary through its step                 -> both caught, nothing else; the memory
                                                                        by exactly the temporary's bytes
   slow20     Adam optparity-foreach 20 % slower                      -> caught there, nowhere else
-The plants exist only in this script's child processes: a subclass of optparity's Adam swapped in
-for optparity.bench.workloads.optimizer_class; shipped code has no hook for them. The slowdown is
-extra `mul_(1.0)` passes over k elements of each parameter (whole passes, then the first elements),
+With --instructions (the default where valgrind is installed) every bench run also counts the
+instructions per step of its 4 optparity cases (8 with --count-torch) under callgrind
+(`bench --instructions`; about 45 s a run here, 75 s with torch's), so each comparison
+also decides on a deterministic figure: the target's count must rise beyond 3 % in both slowdowns
+and no other count may. The plants exist only in this script's child processes: a subclass of
+optparity's Adam swapped in for optparity.bench.workloads.optimizer_class, in the callgrind child
+too (instructions.child_argv runs this script with --ir-child); shipped code has no hook for them.
+The slowdown is extra `mul_(1.0)` passes over k elements of each parameter (whole passes, then the first elements),
 k calibrated at the start so they cost 5 % (20 %) of the step's CPU time; the realised size is
 reported as measured.
 
-Writes OUT/results.csv (one row per run and verdict), OUT/summary.md (rates; what the load was)
+Writes OUT/results.csv (one row per run and figure: timing, memory, instructions; its verdict),
+OUT/runs.csv, OUT/summary.md (false alarms and detections by each kind of figure; the load)
 and OUT/pages/ (the compare pages of the first repetition).
 """
 from __future__ import annotations
@@ -36,6 +43,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = "Adam/optparity-foreach/1M/float32"
+TARGET_INSTRUCTIONS = f"{TARGET} [instructions_per_step]"
 MEMORY_TARGETS = ("Adam/optparity-forloop/1M/float32 [step_peak_bytes]",
                   "Adam/optparity-forloop/1M/float32 [step_alloc_bytes]")
 MATRIX = ["--algorithms", "Adam,SGD", "--impls", "optparity-foreach,optparity-forloop,torch-foreach,torch-forloop",
@@ -79,9 +87,9 @@ def _planted(cls, extra_elements: int, extra_temporary: bool):
     return Planted
 
 
-def child(plant: dict, cli_args: list[str]) -> int:
+def _plant(plant: dict) -> None:
+    """Swap the planted Adam in for optparity's (this process only)."""
     from optparity.bench import workloads
-    from optparity.cli import main
 
     original = workloads.optimizer_class
 
@@ -92,7 +100,29 @@ def child(plant: dict, cli_args: list[str]) -> int:
         return cls
 
     workloads.optimizer_class = optimizer_class
+
+
+def child(plant: dict, cli_args: list[str], count_torch: bool = False) -> int:
+    """One `optparity` command with the plant; its instruction counts (bench --instructions) run
+    this script again under callgrind, with the same plant (ir_child)."""
+    from optparity.bench import instructions
+    from optparity.cli import main
+
+    _plant(plant)
+    instructions.child_argv = lambda: [sys.executable, __file__, "--ir-child", json.dumps(plant), "--"]
+    if not count_torch:  # torch's counts: references, about 7 s a case under callgrind here
+        count = instructions.count
+        instructions.count = lambda cases, *a, **k: count([c for c in cases if c.impl.startswith("optparity-")],
+                                                          *a, **k)
     return main(cli_args)
+
+
+def ir_child(plant: dict, spec: str) -> int:
+    """The callgrind side of bench --instructions, with the plant."""
+    from optparity.bench import instructions
+
+    _plant(plant)
+    return instructions.child_main(json.loads(spec))
 
 
 # ---------------------------------------------------------------- parent
@@ -121,8 +151,11 @@ print(statistics.median(step), statistics.median(full), p.numel())
     return max(1, min(10 * int(numel), k))
 
 
+COUNT_TORCH: list[str] = []  # ["--count-torch"] when asked: passed on to the children
+
+
 def _child(plant: dict, cli_args: list[str]) -> int:
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(plant), "--", *cli_args],
+    proc = subprocess.run([sys.executable, __file__, *COUNT_TORCH, "--child", json.dumps(plant), "--", *cli_args],
                           capture_output=True, text=True)
     if proc.returncode not in (0, 1):
         sys.exit(f"optparity {' '.join(cli_args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
@@ -130,12 +163,14 @@ def _child(plant: dict, cli_args: list[str]) -> int:
     return proc.returncode
 
 
-def bench(work: Path, name: str, plant: dict, baseline: Path | None) -> dict:
-    """One bench run, then (with a baseline) its comparison in a fresh process with the same
-    plant: (exit code of the comparison, seconds, load average before and after)."""
+def bench(work: Path, name: str, plant: dict, baseline: Path | None, count: bool) -> dict:
+    """One bench run (with instruction counts when `count`), then (with a baseline) its comparison
+    in a fresh process with the same plant: (exit code of the comparison, seconds, load average
+    before and after)."""
     load0 = os.getloadavg()[0]
     t0 = time.monotonic()
-    _child(plant, ["bench", *MATRIX, "--out", str(work), "--run-name", name, "--no-progress", "--no-figures"])
+    _child(plant, ["bench", *MATRIX, "--out", str(work), "--run-name", name, "--no-progress", "--no-figures",
+                   *(["--instructions"] if count else [])])
     code = 0
     if baseline is not None:
         code = _child(plant, ["report", "--compare", str(baseline), str(work / name), "--remeasure"])
@@ -163,12 +198,12 @@ def verdicts(base: Path, new: Path) -> list[dict]:
 
 
 def expected(scenario: str, figure: str, kind: str) -> bool:
-    """Whether this figure should be called a regression in this scenario."""
-    if scenario == "slow20":
-        return figure == TARGET
-    if scenario == "slow5+mem":
-        return figure == TARGET or figure in MEMORY_TARGETS
-    return False
+    """Whether this figure should be called a regression in this scenario: the target's timing
+    and instruction count in both slowdowns, the memory plant's two figures. (The temporary adds
+    a few hundred instructions to a step of tens of millions: not expected by instructions.)"""
+    if scenario in ("slow20", "slow5+mem") and figure in (TARGET, TARGET_INSTRUCTIONS):
+        return True
+    return scenario == "slow5+mem" and figure in MEMORY_TARGETS
 
 
 def main() -> int:
@@ -178,11 +213,23 @@ def main() -> int:
     ap.add_argument("--work", default=str(ROOT / "reports" / "tracker-proof-runs"),
                     help="where the bench runs go (large; not committed)")
     ap.add_argument("--busy-seconds", type=int, default=600, help="upper bound of the busy loop's life")
+    ap.add_argument("--instructions", action=argparse.BooleanOptionalAction, default=shutil.which("valgrind") is not None,
+                    help="also count instructions per step of every case under callgrind (bench --instructions); "
+                         "default: on when valgrind is installed")
+    ap.add_argument("--count-torch", action="store_true",
+                    help="count torch's cases' instructions too (references; adds about 30 s per bench run here)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--ir-child", help=argparse.SUPPRESS)
     ap.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
-        return child(json.loads(args.child), [a for a in args.rest if a != "--"])
+        return child(json.loads(args.child), [a for a in args.rest if a != "--"], args.count_torch)
+    if args.ir_child is not None:
+        return ir_child(json.loads(args.ir_child), args.rest[-1])
+    if args.instructions and shutil.which("valgrind") is None:
+        ap.error("--instructions needs valgrind (apt-get install valgrind)")
+    if args.count_torch:
+        COUNT_TORCH.append("--count-torch")
 
     import pandas as pd
 
@@ -198,14 +245,14 @@ def main() -> int:
     rows, runs = [], []
     for rep in range(args.reps):
         base = work / f"r{rep}-base"
-        runs.append({"rep": rep, "scenario": "base", **bench(work, base.name, {}, None)})
+        runs.append({"rep": rep, "scenario": "base", **bench(work, base.name, {}, None, args.instructions)})
         for scenario in SCENARIOS:
             busy = None
             if scenario == "aa-load":
                 busy = subprocess.Popen([sys.executable, "-c", BUSY_LOOP.format(seconds=args.busy_seconds)])
             try:
                 name = f"r{rep}-{scenario}"
-                run = bench(work, name, plants[scenario], base)
+                run = bench(work, name, plants[scenario], base, args.instructions)
             finally:
                 if busy is not None:
                     busy.terminate()
@@ -224,50 +271,75 @@ def main() -> int:
     table.to_csv(out / "results.csv", index=False)
     pd.DataFrame(runs).to_csv(out / "runs.csv", index=False)
     (out / "summary.md").write_text(summarize(table, pd.DataFrame(runs), k5, k20, numel,
-                                              time.monotonic() - started, args.reps))
+                                              time.monotonic() - started, args.reps, args.instructions))
     print((out / "summary.md").read_text())
     return 0
 
 
-def summarize(table, runs, k5: int, k20: int, numel: int, seconds: float, reps: int) -> str:
+def _caught(t, kind: str) -> str:
+    exp = t[t["expected"] & (t["kind"] == kind)]
+    return f"{int((exp['final'] == 'REGRESSION').sum())} / {len(exp)}" if len(exp) else "-"
+
+
+def _false(t, kind: str, column: str = "final") -> int:
+    return int(((t["kind"] == kind) & (t[column] == "REGRESSION") & ~t["expected"]).sum())
+
+
+def _ratio(t, figure: str, digits: int = 3) -> str:
+    r = t.loc[t["figure"] == figure, "ratio"].dropna()
+    return f"{r.median():.{digits}f} ({r.min():.{digits}f}-{r.max():.{digits}f})" if len(r) else "-"
+
+
+def summarize(table, runs, k5: int, k20: int, numel: int, seconds: float, reps: int, counted: bool = True) -> str:
+    """summary.md: per scenario, false alarms and detections by timing, memory and instructions."""
     import pandas as pd
 
+    n_ir = int((table["kind"] == "instructions").sum() / max(1, len(table[["rep", "scenario"]].drop_duplicates())))
     lines = ["# Tracker proof: false alarms and detections of `optparity bench --baseline`", "",
-             f"Command: `.venv/bin/python scripts/tracker_proof.py --reps {reps}`; total {seconds / 60:.1f} min. "
-             f"Matrix: {' '.join(MATRIX)} (8 timings + 24 exact memory figures per comparison).",
+             f"Command: `.venv/bin/python scripts/tracker_proof.py --reps {reps}"
+             f"{'' if counted else ' --no-instructions'}`; total {seconds / 60:.1f} min. "
+             f"Matrix: {' '.join(MATRIX)} (per comparison: 4 optparity timings tested, 4 torch references, "
+             f"24 exact memory figures, {n_ir} instruction counts per step).",
              f"Plants: slow5 = extra mul_(1.0) over {k5} elements of the {numel}-element parameter, slow20 = over "
              f"{k20}; mem = one extra empty_like per parameter held through the forloop step ({numel * 4} bytes).",
              "",
-             "| scenario | runs | exit codes | regressions called (final) | of them expected | false alarms "
-             "(final / first pass only / raw wall clock) | planted target caught (final) | target ratio (median, "
-             "range) | load average during the runs |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| scenario | runs | exit codes | false alarms by timing (final / first pass only / raw wall clock) "
+             "| false alarms by memory | false alarms by instructions | caught by timing | caught by memory "
+             "| caught by instructions | target timing ratio NEW/BASE (median, range) | target instructions ratio "
+             "(median, range) | load average during the runs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for scenario in SCENARIOS:
         t = table[table["scenario"] == scenario]
         r = runs[runs["scenario"] == scenario]
-        called = t[t["final"] == "REGRESSION"]
-        false_final = int(((t["final"] == "REGRESSION") & ~t["expected"]).sum())
-        false_first = int(((t["first_pass"] == "REGRESSION") & ~t["expected"]).sum())
-        false_raw = int(((t["raw_wall"] == "REGRESSION") & ~t["expected"]).sum())
-        exp = t[t["expected"]]
-        caught = f"{int((exp['final'] == 'REGRESSION').sum())} / {len(exp)}" if len(exp) else "-"
-        target = t[t["figure"] == TARGET]
-        ratio = f"{target['ratio'].median():.3f} ({target['ratio'].min():.3f}-{target['ratio'].max():.3f})"
+        mem = _caught(t, "memory")
         if scenario == "slow5+mem":
             deltas = sorted(set(t.loc[t["figure"].isin(MEMORY_TARGETS), "delta_bytes"].dropna().astype(int)))
-            ratio += f"; memory delta bytes {deltas}"
-        load = f"{pd.concat([r['load_before'], r['load_after']]).min():.1f}-{pd.concat([r['load_before'], r['load_after']]).max():.1f}"
-        lines.append(f"| {scenario} | {len(r)} | {','.join(map(str, r['exit']))} | {len(called)} | "
-                     f"{int(called['expected'].sum())} | {false_final} / {false_first} / {false_raw} | {caught} | "
-                     f"{ratio} | {load} |")
-    timings = table[table["kind"] == "time"]
-    n_null = int((~timings["expected"]).sum())
-    lines += ["", f"Timing figures compared with no regression planted: {n_null}; false alarms (final rule): "
-              f"{int(((timings['final'] == 'REGRESSION') & ~timings['expected']).sum())}. "
-              f"Memory figures compared with nothing planted: {int(((table['kind'] == 'memory') & ~table['expected']).sum())}; "
-              f"false alarms: {int(((table['kind'] == 'memory') & (table['final'] == 'REGRESSION') & ~table['expected']).sum())}.",
-              "", "Verdict counts per scenario (final rule):", "",
-              table.groupby(["scenario", "final"]).size().rename("figures").reset_index().to_markdown(index=False), ""]
+            mem += f" (delta bytes {deltas})"
+        loads = pd.concat([r["load_before"], r["load_after"]])
+        lines.append(f"| {scenario} | {len(r)} | {','.join(map(str, r['exit']))} | "
+                     f"{_false(t, 'time')} / {_false(t, 'time', 'first_pass')} / {_false(t, 'time', 'raw_wall')} | "
+                     f"{_false(t, 'memory')} | {_false(t, 'instructions') if counted else '-'} | "
+                     f"{_caught(t, 'time')} | {mem} | {_caught(t, 'instructions') if counted else '-'} | "
+                     f"{_ratio(t, TARGET)} | {_ratio(t, TARGET_INSTRUCTIONS, 4) if counted else '-'} | "
+                     f"{loads.min():.1f}-{loads.max():.1f} |")
+    lines += [""]
+    for kind, label in (("time", "Timing"), ("memory", "Memory"), ("instructions", "Instruction-count")):
+        k = table[table["kind"] == kind]
+        if len(k):
+            lines.append(f"{label} figures compared with nothing planted in them: {int((~k['expected']).sum())}; "
+                         f"false alarms (final rule): {_false(table, kind)}.")
+    if counted:
+        ir = table[(table["kind"] == "instructions") & ~table["expected"]]
+        moved = ir[ir["ratio"].notna() & (ir["ratio"] != 1.0)]
+        lines += ["", f"Unplanted instruction counts identical to BASE's: {len(ir) - len(moved)} of {len(ir)}"
+                  + (f"; the others moved by at most {float((moved['ratio'] - 1).abs().max()):.2e} (relative)."
+                     if len(moved) else ".")]
+        seconds_per_run = runs["seconds"].median()
+        lines.append(f"Median seconds per bench run (timing, then the instruction counts), its comparison included: "
+                     f"{seconds_per_run:.0f}.")
+    lines += ["", "Verdict counts per scenario and kind (final rule):", "",
+              table.groupby(["scenario", "kind", "final"]).size().rename("figures").reset_index().to_markdown(index=False),
+              ""]
     return "\n".join(lines) + "\n"
 
 

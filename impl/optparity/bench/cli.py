@@ -7,6 +7,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from optparity.bench.workloads import ALGORITHMS, DTYPES, IMPLS, WORKLOADS, steady_allocator
@@ -51,8 +52,8 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--run-name", help="default: <UTC timestamp>-<short git sha>")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--instructions", action="store_true",
-                   help="also count instructions per step with valgrind's callgrind (deterministic; minutes per "
-                        "case; exit 2 when valgrind is missing)")
+                   help="also count instructions per step with valgrind's callgrind (deterministic; about 5-10 s "
+                        "per 1M case plus 20 s, one valgrind run; exit 2 when valgrind is missing)")
     p.add_argument("--no-figures", action="store_true",
                    help="write the tables and headline but no PNG figures (faster, for CI)")
     p.add_argument("--baseline", metavar="RUN",
@@ -131,20 +132,19 @@ def _cpu_model() -> str:
 
 
 def _instruction_rows(cases, threads: int, device: str) -> list[dict]:
-    """memory.csv rows of instructions per step (instructions.py), one per CPU case."""
+    """memory.csv rows of instructions per step (instructions.py: one callgrind run for all CPU cases)."""
     from optparity.bench import instructions
     from optparity.bench.workloads import WORKLOADS
 
-    rows = []
-    for c in cases:
-        if device != "cpu":
-            break
-        print(f"counting instructions: {c.benchmark} (callgrind) ...", flush=True)
-        n = instructions.count_per_step(c.algorithm, c.impl, c.workload, c.dtype, threads)
-        rows.append({"benchmark": c.benchmark, "algorithm": c.algorithm, "impl": c.impl, "workload": c.workload,
-                     "dtype": c.dtype, "numel": WORKLOADS[c.workload].numel, "metric": instructions.METRIC,
-                     "sample": 0, "bytes": n})
-    return rows
+    if device != "cpu" or not cases:
+        return []
+    print(f"counting instructions per step of {len(cases)} case(s) under callgrind ...", flush=True)
+    started = time.monotonic()
+    counted = instructions.count(cases, threads)
+    print(f"counted in {time.monotonic() - started:.0f} s", flush=True)
+    return [{"benchmark": c.benchmark, "algorithm": c.algorithm, "impl": c.impl, "workload": c.workload,
+             "dtype": c.dtype, "numel": WORKLOADS[c.workload].numel, "metric": instructions.METRIC,
+             "sample": 0, "bytes": counted[c.benchmark]} for c in cases if c.benchmark in counted]
 
 
 def run_bench(args) -> int:
@@ -195,7 +195,13 @@ def run_bench(args) -> int:
         timing, memory = measure.run(cases, threads=args.threads, budget=budget, device=args.device,
                                      rounds=args.rounds, advance=advance)
     if args.instructions:
-        memory += _instruction_rows(cases, args.threads, args.device)
+        from optparity.bench.instructions import Unavailable
+
+        try:
+            memory += _instruction_rows(cases, args.threads, args.device)
+        except (Unavailable, subprocess.TimeoutExpired) as e:
+            print(f"optparity bench: --instructions: {e}", file=sys.stderr)
+            return 2
     samples = pd.DataFrame(timing)[[*SAMPLE_COLUMNS, *BLOCK_COLUMNS]].assign(run=name)
     mem = pd.DataFrame(memory).assign(run=name)
     samples.to_csv(run_dir / SAMPLES_CSV, index=False)
@@ -282,6 +288,8 @@ def compare_runs(base_name: str, new_name: str, *, rule, raw: bool = False, cloc
               f"normalised {clock} time (optparity/torch on the same path, else time/copy_)")
     rule_text = (f"rule: Mann-Whitney U of NEW/{1 + rule.min_effect:g} > BASE on {figure}, Benjamini-Hochberg at "
                  f"{rule.fdr:g}; suspects re-measured before a regression is called; memory exact"
+                 + (f"; instructions per step (callgrind, deterministic) regress beyond {1 + rule.min_effect:g}x, "
+                    "no test" if (table["kind"] == compare.INSTRUCTIONS).any() else "")
                  if base.stats is None else
                  f"rule (asv quantiles): NEW/BASE median > {threshold} and NEW's q1 > BASE's q3")
     print(f"NEW = {new_name}\nBASE = {base_name}\n{rule_text}\n")

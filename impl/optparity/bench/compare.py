@@ -36,7 +36,8 @@ from optparity.bench.report import (
 )
 
 MEMORY_METRICS = ("state_bytes", "step_peak_bytes", "step_alloc_bytes", "instructions_per_step")
-COUNTED = "instructions_per_step"  # instructions.py: near-exact, compared with the minimum effect as tolerance
+COUNTED = "instructions_per_step"  # instructions.py: deterministic, a rise beyond the minimum effect regresses
+INSTRUCTIONS = "instructions"      # the kind of its rows
 COLUMNS = ["median", "q1", "q3", "n", "unit"]
 
 
@@ -186,7 +187,7 @@ def compare_timings(base: Result, new: Result, rule: decide.Rule, raw: bool = Fa
 
 def compare_memory(base: Result, new: Result, rule: decide.Rule = decide.Rule()) -> pd.DataFrame:
     """Exact figures: REGRESSION when NEW's smallest sample exceeds BASE's largest. Instruction
-    counts: when NEW exceeds BASE by more than the minimum effect."""
+    counts (kind "instructions"): when NEW exceeds BASE by more than the minimum effect."""
     if base.memory is None or new.memory is None:
         return pd.DataFrame()
     key = lambda m: m["benchmark"] + " [" + m["metric"] + "]"  # noqa: E731
@@ -199,11 +200,10 @@ def compare_memory(base: Result, new: Result, rule: decide.Rule = decide.Rule())
     both_zero = (j["median_b"] == 0) & (j["median_n"] == 0)
     ratio = (j["median_n"] / j["median_b"].where(j["median_b"] != 0)).where(~both_zero, 1.0)
     counted = j.index.str.endswith(f"[{COUNTED}]")
-    verdict[counted] = decide.SAME
-    verdict[counted & (ratio < 1 / (1 + rule.min_effect))] = decide.FASTER
-    verdict[counted & (ratio > 1 + rule.min_effect)] = decide.REGRESSION
-    out = pd.DataFrame({"kind": np.where(counted, "instructions", "memory"),
-                        "figure": np.where(counted, "instructions (callgrind)", "bytes (exact)"),
+    for k in j.index[counted]:  # one deterministic count per run: no test (decide.count_verdict)
+        verdict[k] = decide.count_verdict(j.loc[k, "median_b"], j.loc[k, "median_n"], rule.min_effect)
+    out = pd.DataFrame({"kind": np.where(counted, INSTRUCTIONS, "memory"),
+                        "figure": np.where(counted, "instructions per step (callgrind)", "bytes (exact)"),
                         "base": j["median_b"], "new": j["median_n"], "ratio": ratio,
                         "delta_bytes": (j["median_n"] - j["median_b"]).where(~counted), "verdict": verdict})
     missing = bm.index.difference(nm.index)
@@ -279,10 +279,18 @@ def verdict(table: pd.DataFrame, base_name: str, new_name: str, allow_missing: b
 
 
 def counts(table: pd.DataFrame) -> str:
-    c = table["verdict"].value_counts()
-    return ", ".join(f"{int(c[v])} {v}" for v in (decide.REGRESSION, decide.REMEASURE, decide.NOT_CONFIRMED,
-                                                   decide.FASTER, decide.SAME, decide.TOO_FEW, decide.REFERENCE)
-                     if v in c)
+    """The verdict counts, then per kind of figure (timings, memory, instructions) when several."""
+    def line(t: pd.DataFrame) -> str:
+        c = t["verdict"].value_counts()
+        return ", ".join(f"{int(c[v])} {v}" for v in (decide.REGRESSION, decide.REMEASURE, decide.NOT_CONFIRMED,
+                                                       decide.FASTER, decide.SAME, decide.TOO_FEW, decide.REFERENCE)
+                         if v in c)
+
+    kinds = [k for k in ("time", "memory", INSTRUCTIONS) if (table["kind"] == k).any()]
+    text = line(table)
+    if len(kinds) > 1:
+        text += " (" + "; ".join(f"{k}: {line(table[table['kind'] == k])}" for k in kinds) + ")"
+    return text
 
 
 def _fmt_bytes(n: float) -> str:
@@ -295,6 +303,9 @@ def describe(name: str, row: pd.Series, rule: decide.Rule, n_tested: int) -> str
     """One benchmark's finding in words."""
     if row["kind"] == "memory" and "delta_bytes" in row and pd.notna(row.get("delta_bytes")):
         return f"{name}: {_fmt_bytes(row['delta_bytes'])} ({row['ratio']:.3f}x; exact allocator accounting)"
+    if row["kind"] == INSTRUCTIONS:
+        return (f"{name}: {row['ratio']:.3f}x instructions per step ({row['base']:,.0f} -> {row['new']:,.0f}; "
+                f"deterministic callgrind count, more than {rule.min_effect:.0%} above BASE)")
     text = f"{name}: {row['ratio']:.3f}x"
     if pd.notna(row.get("ci_low")):
         text += f" (95% CI {row['ci_low']:.3f}-{row['ci_high']:.3f}"
@@ -320,8 +331,11 @@ def headline(table: pd.DataFrame, rule: decide.Rule, machine: float = math.nan, 
         more = f"; and {len(bad) - shown} more" if len(bad) > shown else ""
         return f"REGRESSION in {len(bad)} of {len(table)} figures: {items}{more}.{machine_note}"
     n_memory = int((table["kind"] == "memory").sum())
+    n_counted = int((table["kind"] == INSTRUCTIONS).sum())
     text = (f"No regression: {n_tested} timings tested, none slower by more than {rule.min_effect:.0%} at a "
-            f"false discovery rate of {rule.fdr:.0%}; {n_memory} exact memory figures, none larger.")
+            f"false discovery rate of {rule.fdr:.0%}; {n_memory} exact memory figures, none larger"
+            + (f"; {n_counted} instruction counts per step, none more than {rule.min_effect:.0%} higher."
+               if n_counted else "."))
     pending = table[table["verdict"] == decide.REMEASURE]
     if len(pending):
         text += (f" {len(pending)} need re-measurement before anything is called (--remeasure): "

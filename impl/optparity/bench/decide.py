@@ -13,6 +13,12 @@ again, in a fresh process or at least fresh tensors, and calls a regression only
 samples, tested on their own, are significant too: the finding must replicate. A suspect whose
 re-measurement is not significant is "not confirmed on re-measurement".
 The displayed confidence interval of the median ratio is a percentile bootstrap.
+
+Deterministic figures take no test. Memory (allocator records) is exact: any rise is a
+regression (compare.compare_memory). Instructions per step (callgrind, instructions.py) are the
+same number on every run of one commit whatever the load: a rise beyond the minimum effect is a
+REGRESSION outright (count_verdict), no test and no re-measurement; below it "no change", the
+same minimum effect as for timings (a change smaller than that is not worth an alarm).
 """
 from __future__ import annotations
 
@@ -123,6 +129,16 @@ def second_pass(verdict: pd.Series, retested: pd.DataFrame) -> pd.Series:
         replicated = verdict[name] == REGRESSION and name in retested.index and bool(retested.loc[name, "slower"])
         out[name] = REGRESSION if replicated else NOT_CONFIRMED
     return out
+
+
+def count_verdict(base: float, new: float, min_effect: float) -> str:
+    """A deterministic count (instructions per step): REGRESSION when NEW exceeds BASE by more
+    than min_effect, faster when it is below BASE / (1 + min_effect), else no change."""
+    if new > base * (1 + min_effect):
+        return REGRESSION
+    if new * (1 + min_effect) < base:
+        return FASTER
+    return SAME
 
 
 def slower_than_reference(ratios: dict[str, np.ndarray], rule: Rule) -> pd.DataFrame:

@@ -531,6 +531,11 @@ def write_compare_page(path: Path, text: str, table: pd.DataFrame, base: str, ne
         page.append(f"<p>{html.escape(details)}</p>")
     if png is not None:
         page.append(f"<img src='{html.escape(png.name)}'>")
+    counted = table[table["kind"] == "instructions"] if "kind" in table.columns else table.iloc[:0]
+    if len(counted):  # deterministic: no interval, so no place on the plot; their own table
+        page += ["<h2>Instructions per step (callgrind; deterministic, a rise beyond the minimum effect regresses)</h2>",
+                 counted[["base", "new", "ratio", "verdict"]].reset_index().to_html(
+                     index=False, float_format=lambda v: f"{v:,.4g}" if abs(v) < 100 else f"{v:,.0f}", na_rep="-")]
     page += ["<h2>Every figure</h2>", shown.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-"),
              "</body></html>"]
     path.write_text("\n".join(page))
