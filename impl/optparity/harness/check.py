@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import contextlib
 import dataclasses
 import multiprocessing
 import os
@@ -72,6 +73,20 @@ class CheckReport:
     @property
     def cases_per_second(self) -> float:
         return len(self.results) / self.seconds if self.seconds else 0.0
+
+    @contextlib.contextmanager
+    def running(self):
+        """Time the body; it finishing marks the report finished, Ctrl-C marks it interrupted
+        (KeyboardInterrupt propagates). Shared by the single-process and distributed runs."""
+        start = time.perf_counter()
+        try:
+            yield self
+            self.finished = True
+        except KeyboardInterrupt:
+            self.interrupted = True
+            raise
+        finally:
+            self.seconds = time.perf_counter() - start
 
     def add(self, index: int, result: CaseResult) -> None:
         """Insert the result of case `index`, keeping case order."""
@@ -315,18 +330,11 @@ def run(plan: Plan, *, fail_fast: bool = False, threads: int | None = 1, workers
                       "the cases here, without workers or --timeout (the optparity command does not initialise it first)",
                       stacklevel=2)
         pooled, timeout = False, None
-    start = time.perf_counter()
-    try:
+    with report.running():
         if pooled:
             _run_pool(plan, report, max(1, workers), threads, timeout, fail_fast, progress)
         else:
             _run_inline(plan, report, threads, fail_fast, progress)
-        report.finished = True
-    except KeyboardInterrupt:
-        report.interrupted = True
-        raise
-    finally:
-        report.seconds = time.perf_counter() - start
     return report
 
 

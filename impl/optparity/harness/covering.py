@@ -103,6 +103,14 @@ def torch_refuses(algo: str, config_index: int, path: str = "forloop", sparse: b
     return None
 
 
+def _strong_wolfe_half_sizes(algo: str, row: dict) -> bool:
+    from optparity.harness import matrix
+
+    if spec(algo).kind != "closure" or not _has(row, dtype=torch.float16, shapes="sizes") or "config" not in row:
+        return False
+    return matrix.configs(algo)[row["config"]].get("line_search_fn") == "strong_wolfe"
+
+
 def _refused(algo: str, row: dict, **what) -> bool:
     if "config" not in row:
         return False
@@ -157,6 +165,10 @@ CONSTRAINTS = (
                "set's 12,000 float16 elements overflows float16 (value cannot be converted to type c10::Half "
                "without overflow): torch raises within a few steps",
                lambda a, r: spec(a).kind == "closure" and _has(r, dtype=torch.float16, shapes="degenerate_nonempty")),
+    Constraint("float16 x strong-Wolfe line search x sizes set", "LBFGS's strong-Wolfe search over the sizes "
+               "set's large float16 parameters overflows float16 the same way (its trial step's loss and "
+               "directional derivative leave float16's range): both sides raise within a few steps",
+               _strong_wolfe_half_sizes),
     Constraint("sparse gradients x clip_grad_norm_", "clip_grad_norm_ computes the norm of dense gradients "
                "only (torch raises for sparse ones)",
                lambda a, r: _has(r, grads="sparse", amp=("unscale_clip", "two_optimizers"))),

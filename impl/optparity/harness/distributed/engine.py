@@ -302,22 +302,17 @@ def run(plan: DistPlan, *, fail_fast: bool = False, timeout: float | None = None
     report = plan.new_report() if report is None else report
     own = pools is None
     pools = pools or Pools(plan.backend, timeout or DEFAULT_TIMEOUT)
-    start = time.perf_counter()
     order = sorted(range(len(plan.cases)), key=lambda i: (plan.cases[i].world_size, i))
     try:
-        for index in order:
-            result = run_case(plan, plan.cases[index], pools)
-            report.add(index, result)
-            if progress is not None:
-                progress(result)
-            if fail_fast and result.status == "fail":
-                break
-        report.finished = True
-    except KeyboardInterrupt:
-        report.interrupted = True
-        raise
+        with report.running():
+            for index in order:
+                result = run_case(plan, plan.cases[index], pools)
+                report.add(index, result)
+                if progress is not None:
+                    progress(result)
+                if fail_fast and result.status == "fail":
+                    break
     finally:
-        report.seconds = time.perf_counter() - start
         if own:
             pools.close()
     return report
