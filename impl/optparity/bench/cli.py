@@ -100,12 +100,12 @@ def add_report_parser(sub) -> None:
 
 
 def _add_rule_options(p) -> None:
-    from optparity.bench import decide
+    from optparity.bench.thresholds import FDR, MIN_EFFECT
 
-    p.add_argument("--min-effect", type=float, default=decide.MIN_EFFECT,
-                   help=f"smallest slowdown called a regression, as a fraction (default {decide.MIN_EFFECT})")
-    p.add_argument("--fdr", type=float, default=decide.FDR,
-                   help=f"Benjamini-Hochberg false discovery rate over the benchmarks (default {decide.FDR})")
+    p.add_argument("--min-effect", type=float, default=MIN_EFFECT,
+                   help=f"smallest slowdown called a regression, as a fraction (default {MIN_EFFECT})")
+    p.add_argument("--fdr", type=float, default=FDR,
+                   help=f"Benjamini-Hochberg false discovery rate over the benchmarks (default {FDR})")
 
 
 def _git_sha() -> str:

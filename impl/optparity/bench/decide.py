@@ -28,8 +28,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-MIN_EFFECT = 0.03    # smallest slowdown worth calling: 3 % (a planted 5 % must be caught)
-FDR = 0.05           # Benjamini-Hochberg false discovery rate over the benchmarks compared at once
+from optparity.bench.thresholds import FDR, MIN_EFFECT
+
 CONFIDENCE = 0.95    # of the displayed bootstrap interval
 MIN_SAMPLES = 4      # with fewer samples per side no test can reach significance
 BOOTSTRAP_SEED = 19  # the interval is reproducible from the same samples
