@@ -53,10 +53,10 @@ def _has(row: dict, **want) -> bool:
 
 
 def _sgd_fused_low(algo: str, row: dict) -> bool:
-    from optparity.harness import matrix
-
     if algo != "SGD" or not _has(row, path="fused") or "config" not in row:
         return False
+    from optparity.harness import matrix  # here, after the cheap tests: this runs for every partial row
+
     config = matrix.configs(algo)[row["config"]]
     low = row.get("dtype") in (torch.float16, torch.bfloat16) or (
         row.get("elements") == "dtype_mix" and row.get("dtype") == torch.float32)  # float32 mixes in bfloat16
@@ -104,10 +104,10 @@ def torch_refuses(algo: str, config_index: int, path: str = "forloop", sparse: b
 
 
 def _strong_wolfe_half_sizes(algo: str, row: dict) -> bool:
-    from optparity.harness import matrix
-
     if spec(algo).kind != "closure" or not _has(row, dtype=torch.float16, shapes="sizes") or "config" not in row:
         return False
+    from optparity.harness import matrix
+
     return matrix.configs(algo)[row["config"]].get("line_search_fn") == "strong_wolfe"
 
 
