@@ -5,6 +5,9 @@ installed torch when it is not the mirrored release."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -139,9 +142,14 @@ def test_the_installed_torch_tests_are_read_in_a_child_and_cached(monkeypatch, t
     try:
         adam = torch_tests.installed_configs("Adam")
         assert torch_tests.reason() is None and adam
-        # this process never imported torch's test helpers (they freeze torch.backends' flags)
-        import sys
-        assert "torch.testing._internal.common_optimizers" not in sys.modules
+        # reading them never imports torch's test helpers here (they freeze torch.backends' flags):
+        # asked of a fresh process, since other tests in this worker import them on purpose
+        probe = ("import sys, optparity; from optparity.harness import torch_tests; "
+                 "assert torch_tests.installed_configs('Adam'); "
+                 "print('torch.testing._internal.common_optimizers' in sys.modules)")
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                             env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "fresh")})
+        assert out.stdout.split()[-1] == "False", out.stdout + out.stderr
         assert (tmp_path / "optparity" / f"torch-test-configs-{torch.__version__}.pt").is_file()
         if versions.mirrors_installed():  # on the mirrored release they are the description's
             assert all(any(matrix.same_config(c, k) for k in matrix.spec("Adam").torch_configs) for c in adam)

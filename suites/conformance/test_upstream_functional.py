@@ -8,12 +8,17 @@ import json
 
 import pytest
 
+from optparity import versions
 from optparity.harness import levels
 
 from optparity.harness.upstream import ALGORITHMS
 from optparity.harness.upstream import RECORD, divergences
 
 RECORDED = json.loads(RECORD.read_text())
+# the record pins the divergences of the release optparity mirrors; another release has its own
+pytestmark = pytest.mark.skipif(
+    not versions.mirrors_installed(),
+    reason=f"the record is torch {RECORDED['torch']}'s; `python -m optparity.harness.upstream --write` records this torch's")
 
 
 @pytest.mark.parametrize("algo", ALGORITHMS)

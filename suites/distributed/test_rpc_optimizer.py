@@ -24,6 +24,7 @@ from torch.distributed.optim import DistributedOptimizer as TorchDistributedOpti
 from torch.distributed.rpc import TensorPipeRpcBackendOptions
 
 import optparity.optim as oo
+from optparity import versions
 from optparity.distributed.optimizer import DistributedOptimizer
 from optparity.harness.bitwise import compare
 from optparity.harness.ranks import under_torchrun
@@ -167,6 +168,9 @@ def _check_algorithm(problems, name, layout, world_size):
     for key in ("ours/optparity", "ours/torch"):
         if not optimizers[key].is_functional_optim:
             problems.append(f"{name} {key}: expected the functional path")
+    if name == "Adagrad" and STRICT_ADAGRAD:
+        _check_same_refusal(problems, name, layout, sets, optimizers, used)
+        return
 
     local = {"local optparity": _local_params(layout, seed), "local torch": _local_params(layout, seed)}
     initial = [p.detach().clone() for p in local["local torch"]]
@@ -201,6 +205,33 @@ def _check_algorithm(problems, name, layout, world_size):
               finals["upstream"])
     if all(compare(a, b) is None for a, b in zip(reference, initial)):
         problems.append(f"{name}: nothing moved; the check proves nothing")
+
+
+# torch 2.14 runs the functional optimizer eagerly (no TorchScript): functional Adagrad hands its
+# kernel every parameter but only the existing gradients, and the kernel's strict zip refuses that
+STRICT_ADAGRAD = versions.at_least("2.14")
+
+
+def _error_line(exc: BaseException) -> str:
+    return next((line.strip() for line in str(exc).splitlines() if "Error: " in line or "Error(" in line),
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+
+
+def _check_same_refusal(problems, name, layout, sets, optimizers, used):
+    """A parameter without gradient: every DistributedOptimizer raises the same error, and the
+    parameters end as upstream's (workers whose parameters all have gradients still step)."""
+    errors = {}
+    for key, opt in optimizers.items():
+        try:
+            _forward_backward_step(layout, sets[key], opt, _inputs(layout, 0), used)
+            errors[key] = "no error"
+        except Exception as exc:  # noqa: BLE001 - compared below
+            errors[key] = _error_line(exc)
+    if len(set(errors.values())) != 1 or "no error" in errors.values():
+        problems.append(f"{name} with a parameter without gradient: not the same refusal: {errors}")
+    want = _remote_values(layout, sets["upstream"])
+    for key, rrefs in sets.items():
+        _diff_all(problems, f"{name} {key} vs upstream after the refused step", _remote_values(layout, rrefs), want)
 
 
 def _check_fallback(problems, layout):
@@ -241,6 +272,10 @@ def _check_adagrad_quirk(problems, owner):
     mine, theirs = _remote_params(layout, seed), _remote_params(layout, seed)
     ours = DistributedOptimizer(oo.Adagrad, mine, **kwargs)
     upstream = TorchDistributedOptimizer(torch.optim.Adagrad, theirs, **kwargs)
+    if STRICT_ADAGRAD:
+        _check_same_refusal(problems, "Adagrad (grad-less param first)", layout, {"ours": mine, "upstream": theirs},
+                            {"ours": ours, "upstream": upstream}, [1, 2])
+        return {"adagrad_gradless_param_moved": None}
     for step in range(3):
         xs = _inputs(layout, step)
         _forward_backward_step(layout, mine, ours, xs, [1, 2])
@@ -332,6 +367,10 @@ def _check_errors(problems, world_size):
             p_mine, p_theirs = _remote_params(lay, 7), _remote_params(lay, 7)
             ours = DistributedOptimizer(getattr(oo, name), p_mine, **ALGOS[name])
             upstream = TorchDistributedOptimizer(getattr(torch.optim, name), p_theirs, **ALGOS[name])
+            if name == "Adagrad" and STRICT_ADAGRAD:  # the bystander's Adagrad has a param without gradient
+                _check_same_refusal(problems, f"bystander worker, {name}", lay, {"ours": p_mine, "upstream": p_theirs},
+                                    {"ours": ours, "upstream": upstream}, [0])
+                continue
             for step in range(2):
                 _forward_backward_step(lay, p_mine, ours, _inputs(lay, step), [0])
                 _forward_backward_step(lay, p_theirs, upstream, _inputs(lay, step), [0])
@@ -407,5 +446,6 @@ def test_distributed_optimizer_matches_local_and_upstream(ranks, world_size):
     assert [r["all_reduce"] for r in reports] == [world_size * (world_size + 1) / 2] * world_size
     problems = reports[0]["problems"]
     assert not problems, "\n".join(problems)
-    # upstream's Adagrad quirk is real (and reproduced): the grad-less param moved
-    assert reports[0]["adagrad_gradless_param_moved"]
+    # upstream's Adagrad quirk is real (and reproduced): the grad-less param moved; from 2.14
+    # both refuse the step instead (checked above)
+    assert reports[0]["adagrad_gradless_param_moved"] is (None if STRICT_ADAGRAD else True)

@@ -23,6 +23,7 @@ import torch.distributed.autograd as dist_autograd
 import torch.distributed.rpc as rpc
 
 import optparity.distributed.functional_optim as _functional
+from optparity import versions
 
 __all__ = ["DistributedOptimizer"]
 
@@ -74,7 +75,9 @@ def _functional_form(optimizer_class):
         if register is not None:
             register()
     functional_cls = _functional.functional_optim_map.get(optimizer_class)
-    if functional_cls is _functional.FunctionalAdagrad:
+    if functional_cls is _functional.FunctionalAdagrad and not versions.at_least("2.14"):
+        # torch 2.14 dropped TorchScript from DistributedOptimizer: its eager strict zip then
+        # refuses a parameter without gradient (ValueError), and so does the plain class
         return _TorchScriptPairingAdagrad
     return functional_cls
 

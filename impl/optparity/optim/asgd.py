@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from optparity import versions
 from optparity.functional._common import scalar_dtype, to_scalar
 from optparity.functional.asgd import asgd
 from optparity.optim._base import (
@@ -42,8 +43,11 @@ class ASGD(TorchStyleOptimizer):
         differentiable: bool = False,
         capturable: bool = False,
     ) -> None:
-        # torch checks only these two (lambd, alpha and t0 are taken as given)
+        # torch 2.13 and 2.14 check only lr and weight_decay; 2.15 also lambd and alpha, between them
         check_lr(lr)
+        if versions.at_least("2.15"):
+            check_non_negative(lambd, "lambd value")
+            check_non_negative(alpha, "alpha value")
         check_non_negative(weight_decay, "weight_decay value")
 
         super().__init__(
