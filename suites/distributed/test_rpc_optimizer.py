@@ -30,6 +30,9 @@ from optparity.harness.bitwise import compare
 from optparity.harness.ranks import under_torchrun
 
 STEPS = 15
+# torch 2.14 runs the functional optimizer eagerly (no TorchScript): functional Adagrad hands its
+# kernel every parameter but only the existing gradients, and the kernel's strict zip refuses that
+STRICT_ADAGRAD = versions.at_least("2.14")
 
 # hyperparameters valid for torch.optim, optparity.optim and the functional classes alike;
 # chosen so every algorithm's optional branches (decay, momentum, amsgrad, ...) run
@@ -207,16 +210,6 @@ def _check_algorithm(problems, name, layout, world_size):
         problems.append(f"{name}: nothing moved; the check proves nothing")
 
 
-# torch 2.14 runs the functional optimizer eagerly (no TorchScript): functional Adagrad hands its
-# kernel every parameter but only the existing gradients, and the kernel's strict zip refuses that
-STRICT_ADAGRAD = versions.at_least("2.14")
-
-
-def _error_line(exc: BaseException) -> str:
-    return next((line.strip() for line in str(exc).splitlines() if "Error: " in line or "Error(" in line),
-                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-
-
 def _check_same_refusal(problems, name, layout, sets, optimizers, used):
     """A parameter without gradient: every DistributedOptimizer raises the same error, and the
     parameters end as upstream's (workers whose parameters all have gradients still step)."""
@@ -224,10 +217,10 @@ def _check_same_refusal(problems, name, layout, sets, optimizers, used):
     for key, opt in optimizers.items():
         try:
             _forward_backward_step(layout, sets[key], opt, _inputs(layout, 0), used)
-            errors[key] = "no error"
+            errors[key] = None
         except Exception as exc:  # noqa: BLE001 - compared below
-            errors[key] = _error_line(exc)
-    if len(set(errors.values())) != 1 or "no error" in errors.values():
+            errors[key] = tuple(_head(exc))
+    if len(set(errors.values())) != 1 or None in errors.values():
         problems.append(f"{name} with a parameter without gradient: not the same refusal: {errors}")
     want = _remote_values(layout, sets["upstream"])
     for key, rrefs in sets.items():
